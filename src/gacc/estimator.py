@@ -1,0 +1,589 @@
+"""The GACC estimator: fit on a 4D volume with partial clusters, predict memberships."""
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from . import checkpoint
+from .devices import resolve_device
+from .exceptions import InvalidInputError, NonFiniteLossError
+from .preprocessing import (
+    MinMaxScaling,
+    check_cluster_xyzp,
+    check_data_xyzt,
+    foreground_indices,
+    positional_encoding,
+)
+from .sampling import draw_training_sets, prediction_sets
+from .training import Batch, GACCNetworks, LossWeights, TrainingStep
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GACC"]
+
+# Cap of the "balanced" weight of inside-cluster entries, so a cluster with a
+# handful of known inside voxels cannot dominate the supervised loss.
+MAX_POSITIVE_WEIGHT = 50.0
+
+
+class GACC(BaseEstimator):
+    """Generative Adversarial-Cooperative Clustering of 4D volumes.
+
+    GACC learns overlapping memberships of voxels in ``num_clusters``
+    clusters from a volume of feature vectors (``data_xyzt``) and partly
+    known clusters (``cluster_xyzp``). The first P predicted clusters follow
+    the given ones; the remaining K - P are discovered. Memberships are
+    independent sigmoids, so a voxel may belong to several clusters.
+
+    Parameters
+    ----------
+    num_clusters : int, default=50
+        K, the number of clusters predicted; at least the number of given
+        clusters P.
+    run_eagerly : bool, default=True
+        True runs plain eager PyTorch, easiest to debug. False compiles the
+        networks with ``torch.compile``, falling back to eager mode with a
+        logged warning where compiling is not possible.
+    min_max_scale_range : sequence of two floats or None, default=(0.0, 1.0)
+        Range each feature is scaled to, with minimum and maximum learned on
+        the foreground voxels in ``fit`` and reused in ``predict``. None turns
+        scaling off.
+    set_size : int, default=8
+        N, voxels per set. A set is drawn uniformly at random from the
+        foreground, in training and in prediction alike.
+    batch_size : int, default=32
+        B, sets per training step.
+    hidden_size : int, default=64
+        Width of the generator's transformer.
+    column_hidden_size : int, default=32
+        Width of the discriminator and the cooperative predictors.
+    num_heads : int, default=4
+        Attention heads; must divide both widths.
+    num_layers : int, default=2
+        Transformer blocks of the generator.
+    num_frequencies : int, default=6
+        Frequencies per axis of the positional encoding.
+    learning_rate : float, default=1e-3
+        Adam learning rate of the generator.
+    discriminator_learning_rate : float, default=1e-3
+    predictor_learning_rate : float, default=1e-3
+        Adam learning rate of both cooperative predictors.
+    supervised_weight, adversarial_weight, xc_weight, cx_weight : float
+        Weights of the generator's loss terms (defaults 1.0, 0.1, 0.1, 0.1).
+        ``xc`` is the entity-to-cluster predictor's error, ``cx`` the
+        cluster-to-entity predictor's error. A weight of 0 turns the term off
+        and skips training the network behind it.
+    hide_probability : float, default=0.5
+        Probability of hiding each membership entry from the entity-to-cluster
+        predictor and each feature entry from the cluster-to-entity predictor.
+    class_weight : {None, "balanced"}, default=None
+        "balanced" weighs known inside-cluster entries by the ratio of known
+        outside to inside entries of their cluster (at most 50).
+    prediction_repeats : int, default=8
+        Random partitions of the foreground into sets at prediction; each
+        voxel's memberships are averaged over them.
+    prediction_batch_size : int, default=4096
+        Sets per forward pass at prediction; lower it if memory runs out.
+    device : str or torch.device, default="auto"
+        "auto" picks CUDA, then Apple MPS, then the CPU.
+    random_state : int or None, default=None
+        Seed of weight initialisation, set sampling and hiding masks. With an
+        int, CPU runs repeat exactly. Prediction is deterministic either way.
+
+    Attributes
+    ----------
+    history_ : dict of str to list of float
+        Every loss term at every training step, over all fits.
+    n_steps_ : int
+        Training steps run so far.
+    n_features_in_ : int
+        T, features per voxel seen in ``fit``.
+    n_known_clusters_ : int
+        P, number of given clusters.
+    spatial_shape_ : tuple of int
+        (X, Y, Z) of the fitted volume.
+    scaling_ : MinMaxScaling
+        Scaling statistics learned in the first ``fit``.
+    networks_ : GACCNetworks
+        The trained networks.
+    device_ : torch.device
+
+    Examples
+    --------
+    >>> model = GACC(num_clusters=50, run_eagerly=True, min_max_scale_range=[0.0, 1.0])
+    >>> model.fit(data_xyzt=data_xyzt, cluster_xyzp=cluster_xyzp, num_batches=10, epochs=40)
+    >>> cluster_xyzk = model.predict(data_xyzt=data_xyzt)  # (X, Y, Z, K) in [0, 1]
+    """
+
+    def __init__(
+        self,
+        num_clusters=50,
+        *,
+        run_eagerly=True,
+        min_max_scale_range=(0.0, 1.0),
+        set_size=8,
+        batch_size=32,
+        hidden_size=64,
+        column_hidden_size=32,
+        num_heads=4,
+        num_layers=2,
+        num_frequencies=6,
+        learning_rate=1e-3,
+        discriminator_learning_rate=1e-3,
+        predictor_learning_rate=1e-3,
+        supervised_weight=1.0,
+        adversarial_weight=0.1,
+        xc_weight=0.1,
+        cx_weight=0.1,
+        hide_probability=0.5,
+        class_weight=None,
+        prediction_repeats=8,
+        prediction_batch_size=4096,
+        device="auto",
+        random_state=None,
+    ):
+        self.num_clusters = num_clusters
+        self.run_eagerly = run_eagerly
+        self.min_max_scale_range = min_max_scale_range
+        self.set_size = set_size
+        self.batch_size = batch_size
+        self.hidden_size = hidden_size
+        self.column_hidden_size = column_hidden_size
+        self.num_heads = num_heads
+        self.num_layers = num_layers
+        self.num_frequencies = num_frequencies
+        self.learning_rate = learning_rate
+        self.discriminator_learning_rate = discriminator_learning_rate
+        self.predictor_learning_rate = predictor_learning_rate
+        self.supervised_weight = supervised_weight
+        self.adversarial_weight = adversarial_weight
+        self.xc_weight = xc_weight
+        self.cx_weight = cx_weight
+        self.hide_probability = hide_probability
+        self.class_weight = class_weight
+        self.prediction_repeats = prediction_repeats
+        self.prediction_batch_size = prediction_batch_size
+        self.device = device
+        self.random_state = random_state
+
+    # ------------------------------------------------------------------
+    # Parameter checks
+
+    def _validate_params(self):
+        positive_ints = (
+            "num_clusters", "set_size", "batch_size", "hidden_size", "column_hidden_size",
+            "num_heads", "num_layers", "num_frequencies", "prediction_repeats",
+            "prediction_batch_size",
+        )
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise InvalidInputError(f"{name}={value!r} must be an integer >= 1.")
+        if self.set_size < 2:
+            raise InvalidInputError(
+                f"set_size={self.set_size} must be >= 2: a set needs several voxels for the "
+                "transformer to relate them."
+            )
+        for name in ("hidden_size", "column_hidden_size"):
+            if getattr(self, name) % self.num_heads:
+                raise InvalidInputError(
+                    f"{name}={getattr(self, name)} must be a multiple of "
+                    f"num_heads={self.num_heads}."
+                )
+        for name in ("learning_rate", "discriminator_learning_rate", "predictor_learning_rate"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise InvalidInputError(f"{name}={value!r} must be a finite number > 0.")
+        for name in ("supervised_weight", "adversarial_weight", "xc_weight", "cx_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise InvalidInputError(f"{name}={value!r} must be a finite number >= 0.")
+        if self._loss_weights().supervised == 0 and not any(
+            (self.adversarial_weight, self.xc_weight, self.cx_weight)
+        ):
+            raise InvalidInputError("All loss weights are 0; set at least one weight above 0.")
+        if not 0 < self.hide_probability < 1:
+            raise InvalidInputError(
+                f"hide_probability={self.hide_probability!r} must lie strictly between 0 and 1."
+            )
+        if self.class_weight not in (None, "balanced"):
+            raise InvalidInputError(
+                f"class_weight={self.class_weight!r} is not supported; use None or 'balanced'."
+            )
+        return MinMaxScaling(self.min_max_scale_range)
+
+    def _loss_weights(self):
+        return LossWeights(
+            supervised=float(self.supervised_weight),
+            adversarial=float(self.adversarial_weight),
+            xc=float(self.xc_weight),
+            cx=float(self.cx_weight),
+        )
+
+    # ------------------------------------------------------------------
+    # Shared preprocessing
+
+    def _check_fitted_shape(self, data):
+        if data.shape[:3] != self.spatial_shape_ or data.shape[3] != self.n_features_in_:
+            raise InvalidInputError(
+                f"data_xyzt has shape {data.shape} but the model was fitted on "
+                f"{self.spatial_shape_ + (self.n_features_in_,)}; give data on the same grid "
+                "with the same features (resample it with nilearn if needed), or fit a new model."
+            )
+
+    def _voxel_tokens(self, data, flat_indices):
+        """Return scaled data (n_voxels, T) and positional encoding (n_voxels, E)."""
+        voxels = data.reshape(-1, data.shape[3])[flat_indices]
+        scaled = self.scaling_.transform(voxels)
+        position = positional_encoding(flat_indices, self.spatial_shape_, self.num_frequencies)
+        return scaled, position
+
+    # ------------------------------------------------------------------
+    # Training
+
+    def fit(self, data_xyzt, cluster_xyzp=None, *, known_mask=None, mask=None, num_batches=10,
+            epochs=40, callbacks=None, stop_event=None, warm_start=False):
+        """Train GACC on a volume and its partly known clusters.
+
+        Parameters
+        ----------
+        data_xyzt : ndarray of shape (X, Y, Z, T)
+            Feature vector of every voxel: time points of an fMRI run or a
+            stack of maps.
+        cluster_xyzp : ndarray of shape (X, Y, Z, P)
+            Given clusters: 1 inside, 0 outside, NaN unknown; probabilistic
+            maps in [0, 1] are used as soft targets. P <= ``num_clusters``.
+        known_mask : ndarray of bool of shape (X, Y, Z, P), optional
+            Marks the entries of ``cluster_xyzp`` that are known; combined
+            with the NaN entries.
+        mask : ndarray of bool of shape (X, Y, Z), optional
+            Foreground (brain) mask. Voxels outside are never sampled.
+            Default: the voxels whose data are not all zero.
+        num_batches : int, default=10
+            Training steps per epoch.
+        epochs : int, default=40
+        callbacks : list of gacc.callbacks.Callback, optional
+        stop_event : threading.Event, optional
+            Setting it from another thread stops training after the current
+            step.
+        warm_start : bool, default=False
+            Continue from the current weights, optimizer state and scaling
+            instead of starting afresh; the data must have the fitted shape.
+
+        Returns
+        -------
+        self : GACC
+
+        Raises
+        ------
+        InvalidInputError
+            For invalid parameters or inputs.
+        NonFiniteLossError
+            If a loss becomes NaN or infinite; the generator keeps the
+            weights of the last finite step.
+        """
+        for _ in self.fit_iter(
+            data_xyzt, cluster_xyzp, known_mask=known_mask, mask=mask, num_batches=num_batches,
+            epochs=epochs, callbacks=callbacks, stop_event=stop_event, warm_start=warm_start,
+        ):
+            pass
+        return self
+
+    def fit_iter(self, data_xyzt, cluster_xyzp=None, *, known_mask=None, mask=None,
+                 num_batches=10, epochs=40, callbacks=None, stop_event=None, warm_start=False):
+        """Validate the inputs, then return a generator that trains one step per item.
+
+        Takes the same parameters as :meth:`fit`. Inputs are checked before
+        this method returns, so errors surface at once. Each item is a dict
+        with ``step``, ``epoch``, ``num_steps`` and ``losses``. Closing the
+        generator stops training cleanly after the last completed step, which
+        suits GUI workers such as napari's ``thread_worker``.
+        """
+        for name, value in (("num_batches", num_batches), ("epochs", epochs)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise InvalidInputError(f"{name}={value!r} must be an integer >= 1.")
+        scaling = self._validate_params()
+        data = check_data_xyzt(data_xyzt)
+        if cluster_xyzp is None:
+            raise InvalidInputError(
+                "cluster_xyzp is missing; GACC is semi-supervised and needs some known "
+                "clusters (NaN marks unknown entries)."
+            )
+        values, known = check_cluster_xyzp(cluster_xyzp, data.shape[:3], self.num_clusters,
+                                           known_mask)
+        flat_indices = foreground_indices(data, mask)
+        if len(flat_indices) < self.set_size:
+            raise InvalidInputError(
+                f"The foreground has {len(flat_indices)} voxels, fewer than "
+                f"set_size={self.set_size}; lower set_size or enlarge the mask."
+            )
+
+        continuing = warm_start and hasattr(self, "networks_")
+        if continuing:
+            self._check_fitted_shape(data)
+            if values.shape[3] != self.n_known_clusters_:
+                raise InvalidInputError(
+                    f"cluster_xyzp has P={values.shape[3]} clusters but the model was fitted "
+                    f"with P={self.n_known_clusters_}; keep the same clusters to continue "
+                    "training, or fit a new model."
+                )
+        else:
+            self._initialise(data, values, flat_indices, scaling)
+
+        known_values = values.reshape(-1, values.shape[3])[flat_indices]
+        known_entries = known.reshape(-1, known.shape[3])[flat_indices]
+        if not known_entries.any():
+            raise InvalidInputError(
+                "No known cluster entry lies inside the foreground mask; annotate voxels "
+                "inside the mask."
+            )
+        self._warn_unannotated(known_values, known_entries)
+
+        tensors = self._training_tensors(data, flat_indices, known_values, known_entries)
+        self._build_trainer(known_values, known_entries, reuse_optimizers=continuing)
+        logger.info(
+            "Training GACC on %s for %d steps (%d foreground voxels, T=%d, P=%d, K=%d)",
+            self.device_, num_batches * epochs, len(flat_indices), self.n_features_in_,
+            self.n_known_clusters_, self.num_clusters,
+        )
+        return self._training_loop(tensors, num_batches, epochs, list(callbacks or []),
+                                   stop_event)
+
+    def _initialise(self, data, values, flat_indices, scaling):
+        self.device_ = resolve_device(self.device)
+        self.spatial_shape_ = tuple(int(s) for s in data.shape[:3])
+        self.n_features_in_ = int(data.shape[3])
+        self.n_known_clusters_ = int(values.shape[3])
+        self.scaling_ = scaling.fit(data.reshape(-1, data.shape[3])[flat_indices])
+        seed = self.random_state
+        if seed is None:
+            seed = int(np.random.default_rng().integers(2**31 - 1))
+        self._sampling_generator = torch.Generator().manual_seed(int(seed))
+        self._mask_generator = torch.Generator(device=self.device_).manual_seed(int(seed) + 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            self.networks_ = GACCNetworks(
+                self.n_features_in_, 6 * self.num_frequencies, self.num_clusters,
+                hidden_size=self.hidden_size, num_heads=self.num_heads,
+                num_layers=self.num_layers, column_hidden_size=self.column_hidden_size,
+            ).to(self.device_)
+        self.history_ = {}
+        self.n_steps_ = 0
+        self._optimizer_states = None
+
+    def _warn_unannotated(self, known_values, known_entries):
+        inside = (known_values > 0.5) & known_entries
+        missing = np.flatnonzero(~inside.any(axis=0))
+        if len(missing):
+            logger.warning(
+                "Clusters %s have no known inside voxel in the foreground; GACC cannot learn "
+                "where they are from the annotations.", (missing + 1).tolist(),
+            )
+
+    def _training_tensors(self, data, flat_indices, known_values, known_entries):
+        scaled, position = self._voxel_tokens(data, flat_indices)
+        device = self.device_
+        return {
+            "data": torch.from_numpy(scaled).to(device),
+            "position": torch.from_numpy(position).to(device),
+            "targets": torch.from_numpy(known_values).to(device),
+            "known": torch.from_numpy(known_entries.astype(np.float32)).to(device),
+        }
+
+    def _build_trainer(self, known_values, known_entries, reuse_optimizers):
+        positive_weight = None
+        if self.class_weight == "balanced":
+            inside = ((known_values > 0.5) & known_entries).sum(axis=0)
+            outside = ((known_values <= 0.5) & known_entries).sum(axis=0)
+            ratio = outside / np.maximum(inside, 1)
+            positive_weight = torch.as_tensor(
+                np.clip(ratio, 1.0, MAX_POSITIVE_WEIGHT), dtype=torch.float32, device=self.device_
+            )
+        previous = getattr(self, "_trainer", None)
+        if reuse_optimizers and previous is not None:
+            self._optimizer_states = {
+                name: optimizer.state_dict() for name, optimizer in previous.optimizers.items()
+            }
+        self._trainer = TrainingStep(
+            self.networks_,
+            self._loss_weights(),
+            {
+                "generator": self.learning_rate,
+                "discriminator": self.discriminator_learning_rate,
+                "predictor": self.predictor_learning_rate,
+            },
+            self.hide_probability,
+            positive_weight=positive_weight,
+            compile_modules=not self.run_eagerly,
+        )
+        if reuse_optimizers and self._optimizer_states:
+            for name, state in self._optimizer_states.items():
+                self._trainer.optimizers[name].load_state_dict(state)
+            # The learning rates in effect are the current parameters, not the saved ones.
+            self._trainer.set_learning_rates(
+                self.learning_rate, self.discriminator_learning_rate, self.predictor_learning_rate
+            )
+
+    def _sample_batch(self, tensors):
+        positions = draw_training_sets(
+            len(tensors["data"]), self.batch_size, self.set_size, self._sampling_generator
+        ).to(self.device_)  # (B, N)
+        data = tensors["data"][positions]  # (B, N, T)
+        position = tensors["position"][positions]  # (B, N, E)
+        return Batch(
+            tokens=torch.cat((data, position), dim=-1),
+            data=data,
+            position=position,
+            targets=tensors["targets"][positions],
+            known=tensors["known"][positions],
+        )
+
+    def _run_step(self, batch):
+        try:
+            return self._trainer(batch, self.n_steps_ + 1, self._mask_generator)
+        except NonFiniteLossError:
+            raise
+        except Exception as error:  # noqa: BLE001 - only to fall back from torch.compile
+            if not self._trainer.compiled:
+                raise
+            logger.warning(
+                "torch.compile failed (%s: %s); continuing in eager mode.",
+                type(error).__name__, error,
+            )
+            self._trainer.disable_compile()
+            return self._trainer(batch, self.n_steps_ + 1, self._mask_generator)
+
+    def _record(self, losses):
+        for name in losses.keys() - self.history_.keys():
+            self.history_[name] = [math.nan] * self.n_steps_
+        for name, values in self.history_.items():
+            values.append(losses.get(name, math.nan))
+        self.n_steps_ += 1
+
+    def _training_loop(self, tensors, num_batches, epochs, callbacks, stop_event):
+        self.stop_training = False
+        self.networks_.train()
+        num_steps = num_batches * epochs
+        for callback in callbacks:
+            callback.on_train_begin(self)
+        start = time.perf_counter()
+        completed = 0
+        try:
+            for epoch in range(1, epochs + 1):
+                for _ in range(num_batches):
+                    if self.stop_training or (stop_event is not None and stop_event.is_set()):
+                        logger.info("Training stopped on request after %d steps", completed)
+                        return
+                    losses = self._run_step(self._sample_batch(tensors))
+                    self._record(losses)
+                    completed += 1
+                    step_logs = {
+                        "step": self.n_steps_,
+                        "epoch": epoch,
+                        "num_steps": num_steps,
+                        "losses": losses,
+                    }
+                    for callback in callbacks:
+                        callback.on_step_end(self, step_logs)
+                    yield step_logs
+                logger.debug("Epoch %d/%d: %s", epoch, epochs, losses)
+        finally:
+            self.networks_.eval()
+            elapsed = time.perf_counter() - start
+            logger.info("Ran %d training steps in %.1f s", completed, elapsed)
+            for callback in callbacks:
+                callback.on_train_end(self)
+
+    # ------------------------------------------------------------------
+    # Prediction
+
+    def predict(self, data_xyzt, *, mask=None):
+        """Predict cluster memberships of every foreground voxel.
+
+        Each voxel is placed in ``prediction_repeats`` random sets drawn like
+        the training sets, and its memberships are averaged over them. The
+        result is deterministic for a given model and input.
+
+        Parameters
+        ----------
+        data_xyzt : ndarray of shape (X, Y, Z, T)
+            On the fitted grid, with the fitted features.
+        mask : ndarray of bool of shape (X, Y, Z), optional
+            Foreground; default: the voxels whose data are not all zero.
+
+        Returns
+        -------
+        ndarray of shape (X, Y, Z, K), float32
+            Memberships in [0, 1]; 0 outside the foreground.
+        """
+        check_is_fitted(self, "networks_")
+        data = check_data_xyzt(data_xyzt)
+        self._check_fitted_shape(data)
+        flat_indices = foreground_indices(data, mask)
+        if len(flat_indices) < self.set_size:
+            raise InvalidInputError(
+                f"The foreground has {len(flat_indices)} voxels, fewer than "
+                f"set_size={self.set_size}; enlarge the mask."
+            )
+        scaled, position = self._voxel_tokens(data, flat_indices)
+        tokens = torch.from_numpy(np.concatenate((scaled, position), axis=1)).to(self.device_)
+        memberships = self._predict_tokens(tokens)
+
+        output = np.zeros((int(np.prod(self.spatial_shape_)), self.num_clusters), np.float32)
+        output[flat_indices] = memberships
+        return output.reshape(self.spatial_shape_ + (self.num_clusters,))
+
+    def _predict_tokens(self, tokens):
+        """Return averaged memberships (n_voxels, K) for voxel tokens (n_voxels, F)."""
+        n_voxels = len(tokens)
+        total = torch.zeros(n_voxels, self.num_clusters, device=self.device_)
+        seed = 0 if self.random_state is None else int(self.random_state)
+        generator = self.networks_.generator
+        self.networks_.eval()
+        with torch.inference_mode():
+            for sets, counted in prediction_sets(n_voxels, self.set_size,
+                                                 self.prediction_repeats, seed):
+                for start in range(0, len(sets), self.prediction_batch_size):
+                    chunk = torch.from_numpy(sets[start:start + self.prediction_batch_size])
+                    chunk = chunk.to(self.device_)
+                    weight = torch.from_numpy(counted[start:start + self.prediction_batch_size])
+                    weight = weight.to(self.device_, torch.float32)
+                    probabilities = torch.sigmoid(generator(tokens[chunk]))  # (S, N, K)
+                    probabilities = probabilities * weight.unsqueeze(-1)
+                    total.index_add_(
+                        0, chunk.reshape(-1), probabilities.reshape(-1, self.num_clusters)
+                    )
+        return (total / self.prediction_repeats).clamp_(0.0, 1.0).cpu().numpy()
+
+    # ------------------------------------------------------------------
+    # Saving and loading
+
+    def save(self, path):
+        """Save weights, optimizer state, parameters, scaling and history to one file.
+
+        The file is written to a temporary name and renamed, so a failure
+        never leaves a half-written model behind.
+        """
+        check_is_fitted(self, "networks_")
+        checkpoint.save_model(self, path)
+        logger.info("Saved GACC model to %s", path)
+        return path
+
+    @classmethod
+    def load(cls, path, *, device="auto"):
+        """Load a model saved with :meth:`save` onto ``device``.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` does not exist.
+        gacc.ModelFileError
+            If the file is damaged, not a GACC model, or from an incompatible
+            format version.
+        """
+        return checkpoint.load_model(cls, path, device=device)

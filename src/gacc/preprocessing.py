@@ -1,0 +1,264 @@
+"""Input validation and the one preprocessing path that fit and predict share.
+
+The engine works on the foreground voxels only: a 4D volume (X, Y, Z, T)
+becomes a matrix (n_voxels, T) of the voxels inside the mask, in C order of
+their (i, j, k) indices, and each voxel's token is its min-max scaled values
+followed by a sinusoidal encoding of its position.
+"""
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from .exceptions import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MinMaxScaling",
+    "check_cluster_xyzp",
+    "check_data_xyzt",
+    "check_mask",
+    "foreground_indices",
+    "positional_encoding",
+]
+
+
+def _as_array(value, name):
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if hasattr(value, "get_fdata") and hasattr(value, "affine"):
+        raise InvalidInputError(
+            f"{name} is a nibabel image; pass its array with img.get_fdata(), "
+            "or load it with gacc.nifti first."
+        )
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise InvalidInputError(f"{name} could not be converted to a numpy array: {error}") from error
+
+
+def check_data_xyzt(data_xyzt):
+    """Validate a 4D data array and return it as float32.
+
+    Raises
+    ------
+    InvalidInputError
+        If the array is not 4D, is empty, holds NaN or infinite values, or is
+        constant over the whole volume.
+    """
+    data = _as_array(data_xyzt, "data_xyzt")
+    if data.ndim != 4:
+        raise InvalidInputError(
+            f"data_xyzt must be 4D with shape (X, Y, Z, T); got {data.ndim}D with shape "
+            f"{data.shape}. For a 3D volume with one value per voxel, add a last axis: "
+            "data[..., np.newaxis]."
+        )
+    if min(data.shape) == 0:
+        raise InvalidInputError(f"data_xyzt is empty: shape {data.shape}.")
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+        raise InvalidInputError(f"data_xyzt must be numeric; got dtype {data.dtype}.")
+    data = data.astype(np.float32, copy=False)
+    n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if n_bad:
+        raise InvalidInputError(
+            f"data_xyzt holds {n_bad} NaN or infinite values; replace them first, "
+            "for example with np.nan_to_num(data_xyzt), or mask those voxels out."
+        )
+    if float(data.max()) == float(data.min()):
+        raise InvalidInputError(
+            f"data_xyzt is constant (every value is {float(data.min())}); GACC needs data "
+            "that vary between voxels."
+        )
+    return data
+
+
+def check_mask(mask, spatial_shape, name="mask"):
+    """Validate a 3D foreground mask and return it as bool (X, Y, Z)."""
+    mask = _as_array(mask, name)
+    if mask.shape != tuple(spatial_shape):
+        raise InvalidInputError(
+            f"{name} has shape {mask.shape} but data_xyzt has spatial shape "
+            f"{tuple(spatial_shape)}; pass a 3D mask on the same grid."
+        )
+    if mask.dtype != bool:
+        values = np.unique(mask)
+        if not np.all(np.isin(values, (0, 1))):
+            raise InvalidInputError(
+                f"{name} must be boolean or hold only 0 and 1; found values "
+                f"{values[:5].tolist()}. Threshold it first, for example mask > 0.5."
+            )
+        mask = mask.astype(bool)
+    if not mask.any():
+        raise InvalidInputError(f"{name} selects no voxel; it must contain at least one True.")
+    return mask
+
+
+def foreground_indices(data_xyzt, mask=None):
+    """Return the flat indices (C order) of the voxels GACC uses.
+
+    Without a mask, every voxel whose values are not all zero is used, which
+    drops the zero background of skull-stripped or atlas images.
+    """
+    spatial_shape = data_xyzt.shape[:3]
+    if mask is None:
+        mask = np.any(data_xyzt != 0, axis=-1)
+        if not mask.any():
+            raise InvalidInputError("data_xyzt is zero everywhere; there is nothing to cluster.")
+    else:
+        mask = check_mask(mask, spatial_shape)
+    return np.flatnonzero(mask.reshape(-1))
+
+
+def check_cluster_xyzp(cluster_xyzp, spatial_shape, num_clusters, known_mask=None):
+    """Validate ground-truth clusters and return (values, known) as (X, Y, Z, P) arrays.
+
+    ``values`` is float32 in [0, 1] with unknown entries set to 0, and
+    ``known`` is bool, False where ``cluster_xyzp`` is NaN or ``known_mask``
+    is False.
+    """
+    clusters = _as_array(cluster_xyzp, "cluster_xyzp")
+    if clusters.ndim == 3:
+        raise InvalidInputError(
+            f"cluster_xyzp must be 4D with shape (X, Y, Z, P); got 3D shape {clusters.shape}. "
+            "For a label image, build one column per label, for example with "
+            "gacc.nifti.load_clusters, or add a last axis for a single cluster."
+        )
+    if clusters.ndim != 4:
+        raise InvalidInputError(
+            f"cluster_xyzp must be 4D with shape (X, Y, Z, P); got {clusters.ndim}D with "
+            f"shape {clusters.shape}."
+        )
+    if clusters.shape[:3] != tuple(spatial_shape):
+        raise InvalidInputError(
+            f"cluster_xyzp has spatial shape {clusters.shape[:3]} but data_xyzt has "
+            f"{tuple(spatial_shape)}; resample the clusters onto the data grid "
+            "(gacc.nifti.load_clusters(..., reference=data_img, resample=True))."
+        )
+    n_known_clusters = clusters.shape[3]
+    if n_known_clusters == 0:
+        raise InvalidInputError("cluster_xyzp has P=0 clusters; give at least one cluster.")
+    if n_known_clusters > num_clusters:
+        raise InvalidInputError(
+            f"cluster_xyzp has P={n_known_clusters} clusters, more than "
+            f"num_clusters={num_clusters}; set num_clusters >= {n_known_clusters}."
+        )
+    clusters = clusters.astype(np.float32, copy=False)
+    known = np.isfinite(clusters)
+    if np.isinf(clusters).any():
+        raise InvalidInputError(
+            "cluster_xyzp holds infinite values; use 1 inside, 0 outside and NaN for unknown."
+        )
+    if known_mask is not None:
+        known_mask = _as_array(known_mask, "known_mask")
+        if known_mask.shape != clusters.shape:
+            raise InvalidInputError(
+                f"known_mask has shape {known_mask.shape} but cluster_xyzp has "
+                f"{clusters.shape}; they must match."
+            )
+        known &= known_mask.astype(bool)
+    values = np.where(known, clusters, 0.0).astype(np.float32)
+    if values.min() < 0 or values.max() > 1:
+        raise InvalidInputError(
+            f"cluster_xyzp values must lie in [0, 1] (1 inside, 0 outside, NaN unknown); "
+            f"found values from {values.min()} to {values.max()}. Scale probabilistic maps "
+            "to [0, 1] first."
+        )
+    if not known.any():
+        raise InvalidInputError(
+            "cluster_xyzp has no known entry (all NaN or masked out by known_mask); "
+            "GACC needs at least some known inside or outside voxels."
+        )
+    return values, known
+
+
+class MinMaxScaling:
+    """Per-feature min-max scaling learned on the foreground voxels.
+
+    Parameters
+    ----------
+    feature_range : tuple of float or None
+        Target range. None leaves the data unscaled.
+    """
+
+    def __init__(self, feature_range=(0.0, 1.0)):
+        if feature_range is not None:
+            low, high = (float(v) for v in feature_range)
+            if not high > low:
+                raise InvalidInputError(
+                    f"min_max_scale_range={list(feature_range)} must be [low, high] with "
+                    "high > low, or None to turn scaling off."
+                )
+            feature_range = (low, high)
+        self.feature_range = feature_range
+        self.data_min_ = None
+        self.data_max_ = None
+
+    def fit(self, voxels_t):
+        """Learn the per-feature minimum and maximum of (n_voxels, T) values."""
+        self.data_min_ = voxels_t.min(axis=0).astype(np.float32)
+        self.data_max_ = voxels_t.max(axis=0).astype(np.float32)
+        n_constant = int(np.sum(self.data_max_ == self.data_min_))
+        if n_constant:
+            logger.warning(
+                "%d of %d features are constant over the foreground; they carry no "
+                "information and are scaled to the bottom of the range.",
+                n_constant, voxels_t.shape[1],
+            )
+        return self
+
+    def transform(self, voxels_t):
+        """Scale (n_voxels, T) values; values outside the fitted range extrapolate."""
+        if self.feature_range is None:
+            return voxels_t.astype(np.float32, copy=False)
+        low, high = self.feature_range
+        span = self.data_max_ - self.data_min_
+        span = np.where(span > 0, span, 1.0).astype(np.float32)
+        scaled = (voxels_t - self.data_min_) / span
+        return (scaled * (high - low) + low).astype(np.float32)
+
+    def state_dict(self):
+        """Return the learned statistics as plain lists, for saving."""
+        return {
+            "feature_range": None if self.feature_range is None else list(self.feature_range),
+            "data_min": None if self.data_min_ is None else self.data_min_.tolist(),
+            "data_max": None if self.data_max_ is None else self.data_max_.tolist(),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state):
+        """Rebuild a fitted scaling from :meth:`state_dict` output."""
+        scaling = cls(state["feature_range"])
+        if state["data_min"] is not None:
+            scaling.data_min_ = np.asarray(state["data_min"], dtype=np.float32)
+            scaling.data_max_ = np.asarray(state["data_max"], dtype=np.float32)
+        return scaling
+
+
+def positional_encoding(flat_indices, spatial_shape, num_frequencies=6):
+    """Encode voxel positions with sines and cosines of their relative coordinates.
+
+    Parameters
+    ----------
+    flat_indices : ndarray of shape (n_voxels,)
+        C-order indices into a volume of ``spatial_shape``.
+    spatial_shape : tuple of int
+        (X, Y, Z) of the volume the model was fitted on.
+    num_frequencies : int, default=6
+        Frequencies per axis; the coarsest has half a period across the
+        volume and each next one doubles.
+
+    Returns
+    -------
+    ndarray of shape (n_voxels, 6 * num_frequencies), float32
+    """
+    ijk = np.stack(np.unravel_index(flat_indices, spatial_shape), axis=1).astype(np.float64)
+    # Relative coordinates in (0, 1), voxel centres, so the encoding is the same
+    # whatever the voxel size.
+    relative = (ijk + 0.5) / np.asarray(spatial_shape, dtype=np.float64)  # (n_voxels, 3)
+    frequencies = math.pi * 2.0 ** np.arange(num_frequencies)  # (n_frequencies,)
+    angles = relative[:, :, None] * frequencies  # (n_voxels, 3, n_frequencies)
+    encoding = np.concatenate((np.sin(angles), np.cos(angles)), axis=-1)
+    return encoding.reshape(len(flat_indices), -1).astype(np.float32)

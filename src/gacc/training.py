@@ -1,0 +1,253 @@
+"""One GACC training step: discriminator, cooperative predictors, then generator.
+
+Shapes: B sets, N voxels per set, T data features, E positional features,
+F = T + E token features, K generated clusters, P known clusters.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .exceptions import NonFiniteLossError
+from .losses import (
+    adversarial_generator_loss,
+    cluster_to_entity_loss,
+    discriminator_loss,
+    entity_to_cluster_loss,
+    supervised_loss,
+)
+from .networks import ClusterToEntityPredictor, Discriminator, EntityToClusterPredictor, Generator
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Batch", "GACCNetworks", "LossWeights", "TrainingStep"]
+
+# Gradients are clipped to this global norm per network, which keeps a rare
+# large batch from throwing the weights far off.
+MAX_GRADIENT_NORM = 1.0
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the generator's loss terms; 0 turns a term and its network off."""
+
+    supervised: float = 1.0
+    adversarial: float = 0.1
+    xc: float = 0.1
+    cx: float = 0.1
+
+
+@dataclass
+class Batch:
+    """Tensors of one training batch, all on the training device."""
+
+    tokens: torch.Tensor  # (B, N, F): scaled data then positional encoding
+    data: torch.Tensor  # (B, N, T): scaled data alone
+    position: torch.Tensor  # (B, N, E)
+    targets: torch.Tensor  # (B, N, P): ground truth, 0 where unknown
+    known: torch.Tensor  # (B, N, P): 1 where the ground truth is known
+
+
+class GACCNetworks(nn.Module):
+    """The generator, the discriminator and the two cooperative predictors."""
+
+    def __init__(self, num_data_features, num_position_features, num_clusters, *,
+                 hidden_size=64, num_heads=4, num_layers=2, column_hidden_size=32):
+        super().__init__()
+        num_features = num_data_features + num_position_features
+        self.generator = Generator(num_features, num_clusters, hidden_size, num_heads, num_layers)
+        self.discriminator = Discriminator(num_features, column_hidden_size, 1)
+        self.xc_predictor = EntityToClusterPredictor(num_features, column_hidden_size, 1)
+        # Tokens of C c->x: data with hidden entries zeroed, the hiding mask, the position.
+        self.cx_predictor = ClusterToEntityPredictor(
+            2 * num_data_features + num_position_features, num_data_features,
+            column_hidden_size, 1,
+        )
+
+
+def _compiled(module, compile_modules):
+    if not compile_modules:
+        return module
+    try:
+        return torch.compile(module, dynamic=False)
+    except Exception as error:  # noqa: BLE001 - any failure means: run eagerly
+        logger.warning("torch.compile is unavailable (%s); running eagerly.", error)
+        return module
+
+
+def _check_finite(name, loss, step):
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"The {name} loss became {loss.item()} at step {step}; training stopped and "
+            "the model keeps the last finite weights. Lower the learning rates or the "
+            "loss weights, and check the data for extreme values."
+        )
+
+
+class TrainingStep:
+    """Run GACC training steps on a set of networks with their optimizers.
+
+    Parameters
+    ----------
+    networks : GACCNetworks
+    weights : LossWeights
+    learning_rates : dict
+        ``{"generator": ..., "discriminator": ..., "predictor": ...}``.
+    hide_probability : float
+        Probability of hiding each membership entry (for C x->c) and each
+        feature entry (for C c->x).
+    positive_weight : Tensor of shape (P,), optional
+        Weight of inside-cluster entries in the supervised loss.
+    compile_modules : bool
+        Wrap the networks in ``torch.compile``.
+    """
+
+    def __init__(self, networks, weights, learning_rates, hide_probability,
+                 positive_weight=None, compile_modules=False):
+        self.networks = networks
+        self.weights = weights
+        self.hide_probability = hide_probability
+        self.positive_weight = positive_weight
+        self.compiled = False
+        self._wrap_modules(compile_modules)
+        self.optimizers = {
+            "generator": torch.optim.Adam(
+                networks.generator.parameters(), lr=learning_rates["generator"]
+            ),
+            "discriminator": torch.optim.Adam(
+                networks.discriminator.parameters(), lr=learning_rates["discriminator"],
+                betas=(0.5, 0.999),
+            ),
+            "xc_predictor": torch.optim.Adam(
+                networks.xc_predictor.parameters(), lr=learning_rates["predictor"]
+            ),
+            "cx_predictor": torch.optim.Adam(
+                networks.cx_predictor.parameters(), lr=learning_rates["predictor"]
+            ),
+        }
+
+    def _wrap_modules(self, compile_modules):
+        networks = self.networks
+        self.generator = _compiled(networks.generator, compile_modules)
+        self.discriminator = _compiled(networks.discriminator, compile_modules)
+        self.xc_predictor = _compiled(networks.xc_predictor, compile_modules)
+        self.cx_predictor = _compiled(networks.cx_predictor, compile_modules)
+        self.compiled = self.generator is not networks.generator
+
+    def disable_compile(self):
+        """Run the networks eagerly from now on, after torch.compile failed."""
+        self._wrap_modules(False)
+
+    def set_learning_rates(self, generator, discriminator, predictor):
+        """Set the learning rate of every optimizer, for example after loading its state."""
+        rates = {"generator": generator, "discriminator": discriminator,
+                 "xc_predictor": predictor, "cx_predictor": predictor}
+        for name, optimizer in self.optimizers.items():
+            for group in optimizer.param_groups:
+                group["lr"] = rates[name]
+
+    def _update(self, name, loss, step):
+        _check_finite(name, loss, step)
+        optimizer = self.optimizers[name]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        module = getattr(self.networks, name)
+        norm = nn.utils.clip_grad_norm_(module.parameters(), MAX_GRADIENT_NORM)
+        if not torch.isfinite(norm):
+            raise NonFiniteLossError(
+                f"The {name} gradients became non-finite at step {step}; training stopped "
+                "and the model keeps the last finite weights. Lower the learning rates."
+            )
+        optimizer.step()
+
+    def _draw_masks(self, batch, num_clusters, generator):
+        size, length, num_data = batch.data.shape
+        device = batch.data.device
+        entries = torch.rand(size, num_clusters, length, device=device, generator=generator)
+        features = torch.rand(size, length, num_data, device=device, generator=generator)
+        membership_hidden = (entries < self.hide_probability).float()  # (B, K, N)
+        feature_hidden = (features < self.hide_probability).float()  # (B, N, T)
+        return membership_hidden, feature_hidden
+
+    def _fake_visibility(self, known_columns, num_clusters, generator):
+        # Each generated column is shown on the known-entry pattern of a random
+        # real column of the same set, so visibility alone gives nothing away.
+        size, num_known, length = known_columns.shape
+        choice = torch.randint(
+            num_known, (size, num_clusters), device=known_columns.device, generator=generator
+        )
+        return known_columns.gather(1, choice.unsqueeze(-1).expand(-1, -1, length))  # (B, K, N)
+
+    def _cooperative_terms(self, batch, columns, membership_hidden, feature_hidden):
+        losses = {}
+        if self.weights.xc:
+            logits = self.xc_predictor(
+                batch.tokens, columns * (1.0 - membership_hidden), membership_hidden
+            )  # (B, K, N)
+            losses["xc"] = entity_to_cluster_loss(logits, columns, membership_hidden)
+        if self.weights.cx:
+            masked_tokens = torch.cat(
+                (batch.data * (1.0 - feature_hidden), feature_hidden, batch.position), dim=-1
+            )  # (B, N, 2T + E)
+            reconstruction = self.cx_predictor(masked_tokens, columns)  # (B, K, N, T)
+            losses["cx"] = cluster_to_entity_loss(reconstruction, batch.data, feature_hidden)
+        return losses
+
+    def __call__(self, batch, step, generator):
+        """Run one training step and return every loss term as a float."""
+        logits = self.generator(batch.tokens)  # (B, N, K)
+        num_clusters = logits.shape[-1]
+        num_known = batch.targets.shape[-1]
+        columns = torch.sigmoid(logits).transpose(1, 2)  # (B, K, N)
+        detached = columns.detach()
+        membership_hidden, feature_hidden = self._draw_masks(batch, num_clusters, generator)
+        logged = {}
+
+        if self.weights.adversarial:
+            known_columns = batch.known.transpose(1, 2)  # (B, P, N)
+            real_columns = batch.targets.transpose(1, 2) * known_columns
+            fake_visible = self._fake_visibility(known_columns, num_clusters, generator)
+            real_logits = self.discriminator(batch.tokens, real_columns, known_columns)
+            fake_logits = self.discriminator(batch.tokens, detached * fake_visible, fake_visible)
+            loss = discriminator_loss(real_logits, fake_logits)
+            self._update("discriminator", loss, step)
+            logged["discriminator"] = loss.item()
+
+        predictor_losses = self._cooperative_terms(
+            batch, detached, membership_hidden, feature_hidden
+        )
+        for term, loss in predictor_losses.items():
+            self._update(f"{term}_predictor", loss, step)
+            logged[f"{term}_predictor"] = loss.item()
+
+        # Generator update; the other networks are frozen so that only the
+        # generator's weights receive gradients from its objective.
+        frozen = [self.networks.discriminator, self.networks.xc_predictor,
+                  self.networks.cx_predictor]
+        for module in frozen:
+            module.requires_grad_(False)
+        try:
+            terms = {}
+            if self.weights.supervised:
+                terms["supervised"] = supervised_loss(
+                    logits[..., :num_known], batch.targets, batch.known, self.positive_weight
+                )
+            if self.weights.adversarial:
+                fake_logits = self.discriminator(
+                    batch.tokens, columns * fake_visible, fake_visible
+                )
+                terms["adversarial"] = adversarial_generator_loss(fake_logits)
+            terms.update(
+                self._cooperative_terms(batch, columns, membership_hidden, feature_hidden)
+            )
+            total = sum(getattr(self.weights, term) * value for term, value in terms.items())
+            self._update("generator", total, step)
+        finally:
+            for module in frozen:
+                module.requires_grad_(True)
+
+        logged.update({term: value.item() for term, value in terms.items()})
+        logged["generator"] = total.item()
+        return logged
