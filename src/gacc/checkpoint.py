@@ -89,8 +89,8 @@ def _read_payload(path):
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError,
             KeyError, AttributeError, TypeError) as error:
         raise ModelFileError(
-            f"{str(path)!r} is not a readable GACC model file (damaged or of another kind): "
-            f"{type(error).__name__}: {error}"
+            f"{str(path)!r} is not a readable GACC model file: it is damaged or not a model "
+            f"saved with GACC.save() ({type(error).__name__})."
         ) from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise ModelFileError(
