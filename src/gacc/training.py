@@ -58,12 +58,13 @@ class GACCNetworks(nn.Module):
         super().__init__()
         num_features = num_data_features + num_position_features
         self.generator = Generator(num_features, num_clusters, hidden_size, num_heads, num_layers)
-        self.discriminator = Discriminator(num_features, column_hidden_size, 1)
-        self.xc_predictor = EntityToClusterPredictor(num_features, column_hidden_size, 1)
+        column_options = {"hidden_size": column_hidden_size, "num_heads": num_heads,
+                          "num_layers": 1}
+        self.discriminator = Discriminator(num_features, **column_options)
+        self.xc_predictor = EntityToClusterPredictor(num_features, **column_options)
         # Tokens of C c->x: data with hidden entries zeroed, the hiding mask, the position.
         self.cx_predictor = ClusterToEntityPredictor(
-            2 * num_data_features + num_position_features, num_data_features,
-            column_hidden_size, 1,
+            2 * num_data_features + num_position_features, num_data_features, **column_options
         )
 
 
