@@ -46,8 +46,9 @@ def check_data_xyzt(data_xyzt):
     Raises
     ------
     InvalidInputError
-        If the array is not 4D, is empty, holds NaN or infinite values, or is
-        constant over the whole volume.
+        If the array is not 4D, is empty, is not real-valued, holds NaN or
+        infinite values or values beyond the float32 range, or is constant
+        over the whole volume.
     """
     data = _as_array(data_xyzt, "data_xyzt")
     if data.ndim != 4:
@@ -60,12 +61,24 @@ def check_data_xyzt(data_xyzt):
         raise InvalidInputError(f"data_xyzt is empty: shape {data.shape}.")
     if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
         raise InvalidInputError(f"data_xyzt must be numeric; got dtype {data.dtype}.")
-    data = data.astype(np.float32, copy=False)
+    if np.issubdtype(data.dtype, np.complexfloating):
+        raise InvalidInputError(
+            f"data_xyzt has complex dtype {data.dtype}; pass real values, for example "
+            "np.abs(data_xyzt) for magnitudes."
+        )
     n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if n_bad:
         raise InvalidInputError(
             f"data_xyzt holds {n_bad} NaN or infinite values; replace them first, "
-            "for example with np.nan_to_num(data_xyzt), or mask those voxels out."
+            "for example with np.nan_to_num(data_xyzt)."
+        )
+    with np.errstate(over="ignore"):
+        data = data.astype(np.float32, copy=False)
+    n_overflow = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if n_overflow:
+        raise InvalidInputError(
+            f"data_xyzt contains {n_overflow} values beyond the float32 range (about 3.4e38); "
+            "rescale the data first."
         )
     if float(data.max()) == float(data.min()):
         raise InvalidInputError(
@@ -185,7 +198,13 @@ class MinMaxScaling:
 
     def __init__(self, feature_range=(0.0, 1.0)):
         if feature_range is not None:
-            low, high = (float(v) for v in feature_range)
+            try:
+                low, high = (float(v) for v in feature_range)
+            except (TypeError, ValueError) as error:
+                raise InvalidInputError(
+                    f"min_max_scale_range={feature_range!r} must be two numbers [low, high], "
+                    "or None to turn scaling off."
+                ) from error
             if not high > low:
                 raise InvalidInputError(
                     f"min_max_scale_range={list(feature_range)} must be [low, high] with "
@@ -214,9 +233,12 @@ class MinMaxScaling:
         if self.feature_range is None:
             return voxels_t.astype(np.float32, copy=False)
         low, high = self.feature_range
-        span = self.data_max_ - self.data_min_
-        span = np.where(span > 0, span, 1.0).astype(np.float32)
-        scaled = (voxels_t - self.data_min_) / span
+        # float64, because differences of float32 values near the float32
+        # limits overflow.
+        data_min = self.data_min_.astype(np.float64)
+        span = self.data_max_.astype(np.float64) - data_min
+        span = np.where(span > 0, span, 1.0)
+        scaled = (voxels_t - data_min) / span
         return (scaled * (high - low) + low).astype(np.float32)
 
     def state_dict(self):
