@@ -27,6 +27,7 @@ __all__ = [
     "load_data",
     "load_data_img",
     "load_mask",
+    "read_label_table",
     "save_img",
     "to_img",
 ]
@@ -480,32 +481,52 @@ def _match_grid(image, name, reference, *, resample, interpolation, what):
 # ---------------------------------------------------------------------------
 
 
-def _read_label_table(path):
-    """Read a label table file into a dict {value: name}.
+def read_label_table(path):
+    """Read a CSV or TSV label table into a dict {value: name}.
 
-    The file is CSV or TSV. With a header row, the value column is the first
-    one named ``index``, ``label``, ``value`` or ``id`` and the name column
-    the first named ``name``, ``label_name`` or ``region``. Without a header,
-    the first column contains values and the second names.
+    With a header row, the value column is the first one named ``index``,
+    ``label``, ``value`` or ``id`` and the name column the first named
+    ``name``, ``label_name`` or ``region``. Without a header, the first
+    column contains values and the second names.
+
+    Parameters
+    ----------
+    path : str or Path
+        The table file; ``.tsv`` files and files whose first line contains a
+        tab are read as tab-separated, others as comma-separated.
+
+    Returns
+    -------
+    table : dict of int to str
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    InvalidInputError
+        If the file is empty or a value is not a number.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Label table {str(path)!r} does not exist.")
-    text = path.read_text(encoding="utf-8-sig")
-    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in text.splitlines()[0] else ","
-    rows = [row for row in csv.reader(text.splitlines(), delimiter=delimiter) if row]
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    if not lines:
+        raise InvalidInputError(f"Label table {str(path)!r} is empty.")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in lines[0] else ","
+    rows = [row for row in csv.reader(lines, delimiter=delimiter) if row]
     if not rows:
         raise InvalidInputError(f"Label table {str(path)!r} is empty.")
 
     first = [cell.strip().lower() for cell in rows[0]]
+    has_header = not _is_number(first[0])
     value_column, name_column = 0, 1
-    if not _is_number(first[0]):
+    if has_header:
         value_column = _find_column(first, ("index", "label", "value", "id"), path)
         name_column = _find_column(first, ("name", "label_name", "region"), path)
         rows = rows[1:]
 
     table = {}
-    for line_number, row in enumerate(rows, start=2 if value_column or name_column else 1):
+    for line_number, row in enumerate(rows, start=2 if has_header else 1):
         if len(row) <= max(value_column, name_column):
             raise InvalidInputError(
                 f"Label table {str(path)!r}, line {line_number}: expected a value "
@@ -544,7 +565,7 @@ def _label_dict(labels, n_volumes=None):
     if labels is None:
         return {}
     if isinstance(labels, (str, os.PathLike)):
-        return _read_label_table(labels)
+        return read_label_table(labels)
     if isinstance(labels, dict):
         return {int(key): str(value) for key, value in labels.items()}
     names = [str(name) for name in labels]
