@@ -284,8 +284,10 @@ class GACC(BaseEstimator):
         InvalidInputError
             For invalid parameters or inputs.
         NonFiniteLossError
-            If a loss becomes NaN or infinite; the generator keeps the
-            weights of the last finite step.
+            If a loss becomes NaN or infinite. Every network keeps the
+            weights from before the update that made it non-finite, and
+            ``n_steps_`` and ``history_`` count the steps those weights
+            went through.
         """
         for _ in self.fit_iter(
             data_xyzt, cluster_xyzp, known_mask=known_mask, mask=mask, num_batches=num_batches,
@@ -446,7 +448,11 @@ class GACC(BaseEstimator):
     def _run_step(self, batch):
         try:
             return self._trainer(batch, self.n_steps_ + 1, self._mask_generator)
-        except NonFiniteLossError:
+        except NonFiniteLossError as error:
+            # The trainer restored the weights from before the last completed
+            # step, so that step no longer counts.
+            for _ in range(getattr(error, "rolled_back_steps", 0)):
+                self._forget_last_step()
             raise
         except Exception as error:  # noqa: BLE001 - only to fall back from torch.compile
             if not self._trainer.compiled:
@@ -464,6 +470,11 @@ class GACC(BaseEstimator):
         for name, values in self.history_.items():
             values.append(losses.get(name, math.nan))
         self.n_steps_ += 1
+
+    def _forget_last_step(self):
+        for values in self.history_.values():
+            del values[-1]
+        self.n_steps_ -= 1
 
     def _training_loop(self, tensors, num_batches, epochs, callbacks, stop_event):
         self.stop_training = False

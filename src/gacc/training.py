@@ -78,12 +78,23 @@ def _compiled(module, compile_modules):
         return module
 
 
+def _clone(value):
+    """Copy every tensor in a nested structure of dicts and lists."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: _clone(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(item) for item in value)
+    return value
+
+
 def _check_finite(name, loss, step):
     if not torch.isfinite(loss):
         raise NonFiniteLossError(
             f"The {name} loss became {loss.item()} at step {step}; training stopped and "
-            "the model keeps the last finite weights. Lower the learning rates or the "
-            "loss weights, and check the data for extreme values."
+            "the model keeps the weights from the start of that step. Lower the learning "
+            "rates or the loss weights, and check the data for extreme values."
         )
 
 
@@ -112,6 +123,9 @@ class TrainingStep:
         self.hide_probability = hide_probability
         self.positive_weight = positive_weight
         self.compiled = False
+        # State at the start of the last completed step, restored when the
+        # next step finds the generator's output non-finite.
+        self._previous_state = None
         self._wrap_modules(compile_modules)
         self.optimizers = {
             "generator": torch.optim.Adam(
@@ -159,7 +173,8 @@ class TrainingStep:
         if not torch.isfinite(norm):
             raise NonFiniteLossError(
                 f"The {name} gradients became non-finite at step {step}; training stopped "
-                "and the model keeps the last finite weights. Lower the learning rates."
+                "and the model keeps the weights from the start of that step. Lower the "
+                "learning rates."
             )
         optimizer.step()
 
@@ -196,9 +211,60 @@ class TrainingStep:
             losses["cx"] = cluster_to_entity_loss(reconstruction, batch.data, feature_hidden)
         return losses
 
+    def _snapshot(self):
+        """Copy the weights of every network and the state of every optimizer."""
+        return {
+            "networks": _clone(self.networks.state_dict()),
+            "optimizers": {
+                name: _clone(optimizer.state_dict()) for name, optimizer in self.optimizers.items()
+            },
+        }
+
+    def _restore(self, snapshot):
+        self.networks.load_state_dict(snapshot["networks"])
+        for name, optimizer in self.optimizers.items():
+            # Cloned again, because load_state_dict may keep the given tensors.
+            optimizer.load_state_dict(_clone(snapshot["optimizers"][name]))
+
     def __call__(self, batch, step, generator):
-        """Run one training step and return every loss term as a float."""
+        """Run one training step and return every loss term as a float.
+
+        Raises
+        ------
+        NonFiniteLossError
+            If a loss or a gradient becomes NaN or infinite. Every network and
+            optimizer is first restored to its state at the start of this
+            step. When the generator's output is already non-finite, the
+            previous step's update caused it, so the state at the start of
+            the previous step is restored and the error's
+            ``rolled_back_steps`` is 1 (0 otherwise).
+        """
         logits = self.generator(batch.tokens)  # (B, N, K)
+        if not torch.isfinite(logits).all():
+            rolled_back_steps = 0
+            if self._previous_state is not None:
+                self._restore(self._previous_state)
+                self._previous_state = None
+                rolled_back_steps = 1
+            error = NonFiniteLossError(
+                f"The generator's output became non-finite at step {step}; training stopped "
+                "and the model keeps the last weights whose output was finite. Lower the "
+                "learning rates, and check the data for extreme values."
+            )
+            error.rolled_back_steps = rolled_back_steps
+            raise error
+
+        start_state = self._snapshot()
+        try:
+            logged = self._train(batch, logits, step, generator)
+        except NonFiniteLossError as error:
+            self._restore(start_state)
+            error.rolled_back_steps = 0
+            raise
+        self._previous_state = start_state
+        return logged
+
+    def _train(self, batch, logits, step, generator):
         num_clusters = logits.shape[-1]
         num_known = batch.targets.shape[-1]
         columns = torch.sigmoid(logits).transpose(1, 2)  # (B, K, N)
