@@ -115,12 +115,15 @@ def _read_payload(path):
 def load_model(cls, path, device="auto"):
     """Rebuild a fitted model of class ``cls`` from a file written by :func:`save_model`."""
     payload = _read_payload(path)
-    params = dict(payload["params"])
-    params["device"] = device
+    # Resolved first, so that an unavailable device is reported as such and
+    # not as a damaged file.
+    torch_device = resolve_device(device)
     try:
+        params = dict(payload["params"])
+        params["device"] = device
         model = cls(**params)
         fit = payload["fit"]
-        model.device_ = resolve_device(device)
+        model.device_ = torch_device
         model.spatial_shape_ = tuple(int(s) for s in fit["spatial_shape"])
         model.n_features_in_ = int(fit["n_features_in"])
         model.n_known_clusters_ = int(fit["n_known_clusters"])
@@ -133,21 +136,21 @@ def load_model(cls, path, device="auto"):
             num_layers=model.num_layers, column_hidden_size=model.column_hidden_size,
         )
         model.networks_.load_state_dict(payload["networks"])
+        model._optimizer_states = payload.get("optimizers")
+        model._sampling_generator = torch.Generator()
+        model._sampling_generator.set_state(payload["random_states"]["sampling"])
+        model._mask_generator = torch.Generator(device=model.device_)
+        states = payload["random_states"]
+        if states.get("masks_device") == model.device_.type:
+            model._mask_generator.set_state(states["masks"])
+        else:
+            # Generator states are device specific; a model moved to another kind
+            # of device continues with a fresh, seeded mask generator.
+            model._mask_generator.manual_seed(model.n_steps_)
     except (KeyError, TypeError, RuntimeError, ValueError) as error:
         raise ModelFileError(
             f"{str(path)!r} holds a GACC model whose contents do not match its parameters "
             f"(damaged or edited file): {type(error).__name__}: {error}"
         ) from error
     model.networks_.to(model.device_).eval()
-    model._optimizer_states = payload.get("optimizers")
-    model._sampling_generator = torch.Generator()
-    model._sampling_generator.set_state(payload["random_states"]["sampling"])
-    model._mask_generator = torch.Generator(device=model.device_)
-    states = payload["random_states"]
-    if states.get("masks_device") == model.device_.type:
-        model._mask_generator.set_state(states["masks"])
-    else:
-        # Generator states are device specific; a model moved to another kind
-        # of device continues with a fresh, seeded mask generator.
-        model._mask_generator.manual_seed(model.n_steps_)
     return model
