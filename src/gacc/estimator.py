@@ -2,6 +2,7 @@
 
 import logging
 import math
+import numbers
 import time
 
 import numpy as np
@@ -29,6 +30,11 @@ __all__ = ["GACC"]
 # Cap of the "balanced" weight of inside-cluster entries, so a cluster with a
 # handful of known inside voxels cannot dominate the supervised loss.
 MAX_POSITIVE_WEIGHT = 50.0
+
+
+def _is_real(value):
+    """Whether ``value`` is a real number (numpy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 class GACC(BaseEstimator):
@@ -92,8 +98,8 @@ class GACC(BaseEstimator):
     device : str or torch.device, default="auto"
         "auto" picks CUDA, then Apple MPS, then the CPU.
     random_state : int or None, default=None
-        Seed of weight initialisation, set sampling and hiding masks. With an
-        int, CPU runs repeat exactly. Prediction is deterministic either way.
+        Seed of weight initialisation, set sampling and hiding masks, from 0
+        to 2**32 - 1. With an int, CPU runs repeat exactly. Prediction is deterministic either way.
 
     Attributes
     ----------
@@ -197,23 +203,33 @@ class GACC(BaseEstimator):
                 )
         for name in ("learning_rate", "discriminator_learning_rate", "predictor_learning_rate"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (_is_real(value) and math.isfinite(value) and value > 0):
                 raise InvalidInputError(f"{name}={value!r} must be a finite number > 0.")
         for name in ("supervised_weight", "adversarial_weight", "xc_weight", "cx_weight"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if not (_is_real(value) and math.isfinite(value) and value >= 0):
                 raise InvalidInputError(f"{name}={value!r} must be a finite number >= 0.")
         if self._loss_weights().supervised == 0 and not any(
             (self.adversarial_weight, self.xc_weight, self.cx_weight)
         ):
             raise InvalidInputError("All loss weights are 0; set at least one weight above 0.")
-        if not 0 < self.hide_probability < 1:
+        if not (_is_real(self.hide_probability) and 0 < self.hide_probability < 1):
             raise InvalidInputError(
                 f"hide_probability={self.hide_probability!r} must lie strictly between 0 and 1."
             )
         if self.class_weight not in (None, "balanced"):
             raise InvalidInputError(
                 f"class_weight={self.class_weight!r} is not supported; use None or 'balanced'."
+            )
+        # torch's CPU generator keeps only the low 32 bits of a seed, so larger
+        # seeds would repeat smaller ones.
+        seed = self.random_state
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+            or not 0 <= seed < 2**32
+        ):
+            raise InvalidInputError(
+                f"random_state={seed!r} must be None or an integer from 0 to 2**32 - 1."
             )
         return MinMaxScaling(self.min_max_scale_range)
 
