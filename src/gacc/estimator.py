@@ -99,7 +99,8 @@ class GACC(BaseEstimator):
         "auto" picks CUDA, then Apple MPS, then the CPU.
     random_state : int or None, default=None
         Seed of weight initialisation, set sampling and hiding masks, from 0
-        to 2**32 - 1. With an int, CPU runs repeat exactly. Prediction is deterministic either way.
+        to 2**32 - 1. With an int, CPU runs repeat exactly. Prediction is
+        deterministic either way.
 
     Attributes
     ----------
