@@ -3,6 +3,7 @@
 import gzip
 import logging
 import os
+import struct
 
 import nibabel as nib
 import numpy as np
@@ -281,7 +282,7 @@ def test_5d_without_singleton_raises(tmp_path):
 
 def test_2d_image_raises(tmp_path):
     path = _write(tmp_path, "plane.nii", _random_data((7, 8)))
-    with pytest.raises(InvalidInputError, match="4D"):
+    with pytest.raises(InvalidInputError, match="three spatial axes"):
         nifti.load_data(path)
 
 
@@ -323,6 +324,28 @@ def test_truncated_nii_raises_before_reading(tmp_path):
     path.write_bytes(content[:-100])
     with pytest.raises(InvalidInputError, match="has only"):
         nifti.load_data_img(path)
+
+
+def _patch_header(path, offset, fmt, *values):
+    content = bytearray(path.read_bytes())
+    struct.pack_into(fmt, content, offset, *values)
+    path.write_bytes(bytes(content))
+
+
+def test_negative_dimension_raises(tmp_path):
+    path = _write(tmp_path, "data.nii", _random_data(), dtype=np.float32)
+    # NIfTI-1 dim field: eight int16 values at byte 40.
+    _patch_header(path, 40, "<8h", 4, 7, -8, 9, 5, 1, 1, 1)
+    with pytest.raises(InvalidInputError, match="negative shape"):
+        nifti.load_data(path)
+
+
+def test_nan_affine_raises(tmp_path):
+    path = _write(tmp_path, "data.nii", _random_data(), dtype=np.float32)
+    # NIfTI-1 srow_x, srow_y, srow_z: twelve float32 values at byte 280.
+    _patch_header(path, 280, "<12f", *([np.nan] * 12))
+    with pytest.raises(InvalidInputError, match="affine"):
+        nifti.load_data(path)
 
 
 def test_plain_file_named_nii_gz_raises(tmp_path):

@@ -132,8 +132,31 @@ def _open_image(img, *, mmap=True):
             f"{str(path)!r} contains a {type(image).__name__}, not a NIfTI-1 or "
             "NIfTI-2 image."
         )
-    _check_file_size(image, path)
+    _check_header(image, path)
     return image
+
+
+def _check_header(image, path):
+    """Raise if the header's dimensions or affine are invalid or exceed the file."""
+    try:
+        shape = tuple(int(n) for n in image.header.get_data_shape())
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except _READ_ERRORS + (TypeError, ArithmeticError) as error:
+        raise InvalidInputError(
+            f"Cannot read the header of {str(path)!r}: the file is damaged "
+            f"({type(error).__name__}: {error})."
+        ) from error
+    if any(n < 0 for n in shape):
+        raise InvalidInputError(
+            f"{str(path)!r} is damaged: its header declares the negative shape {shape}."
+        )
+    if not np.isfinite(affine).all():
+        raise InvalidInputError(
+            f"{str(path)!r} is damaged: the affine in its header (qform or sform) "
+            "contains NaN or infinite values. Fix the header, for example with "
+            "nibabel's set_qform and set_sform."
+        )
+    _check_file_size(image, path)
 
 
 def _check_compression(path):
@@ -215,9 +238,9 @@ def _to_4d_shape(shape, name, *, allow_3d, what):
     shape = tuple(int(n) for n in shape)
     if len(shape) < 3:
         raise InvalidInputError(
-            f"{name} has shape {shape}, but {what} must be a 4D (X, Y, Z, T) image."
+            f"{name} has shape {shape}, but {what} needs three spatial axes (X, Y, Z)."
         )
-    if min(shape) == 0:
+    if min(shape) <= 0:
         raise InvalidInputError(f"{name} has shape {shape} and contains no voxels.")
     if len(shape) == 3:
         if allow_3d:
