@@ -342,6 +342,14 @@ class GACC(BaseEstimator):
                 f"set_size={self.set_size}; lower set_size or enlarge the mask."
             )
 
+        known_values = values.reshape(-1, values.shape[3])[flat_indices]
+        known_entries = known.reshape(-1, known.shape[3])[flat_indices]
+        if not known_entries.any():
+            raise InvalidInputError(
+                "No known cluster entry lies inside the foreground mask; annotate voxels "
+                "inside the mask."
+            )
+
         continuing = warm_start and hasattr(self, "networks_")
         if continuing:
             self._check_fitted_shape(data)
@@ -354,13 +362,6 @@ class GACC(BaseEstimator):
         else:
             self._initialise(data, values, flat_indices, scaling)
 
-        known_values = values.reshape(-1, values.shape[3])[flat_indices]
-        known_entries = known.reshape(-1, known.shape[3])[flat_indices]
-        if not known_entries.any():
-            raise InvalidInputError(
-                "No known cluster entry lies inside the foreground mask; annotate voxels "
-                "inside the mask."
-            )
         self._warn_unannotated(known_values, known_entries)
 
         tensors = self._training_tensors(data, flat_indices, known_values, known_entries)
