@@ -7,11 +7,14 @@ layers of the viewer in step. See :mod:`napari_gacc._layers` for what the
 label values mean.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 from napari.layers import Image, Labels, Layer
 from napari.utils.colormaps import DirectLabelColormap
 
 from gacc.exceptions import InvalidInputError
+from gacc.nifti import load_clusters
 
 from . import _metadata as md
 from ._layers import (
@@ -19,29 +22,30 @@ from ._layers import (
     annotations_to_cluster_xyzp,
     background_label,
     cluster_table,
+    cluster_xyzp_to_annotations,
     layer_to_engine,
     table_clusters,
     table_color_dict,
 )
-from ._nifti_layers import derived_nifti_metadata, layer_nifti_metadata
+from ._nifti_layers import derived_nifti_metadata, layer_nifti_metadata, reference_img
+from ._orientation import to_display_order
 
 ANNOTATION_OPACITY = 0.7
 
 
 def spatial_placement(layer):
-    """Return the scale, translate, axis labels and units of the last three axes."""
+    """Return the scale, translate and axis labels of the last three axes."""
     return {
         "scale": tuple(layer.scale[-3:]),
         "translate": tuple(layer.translate[-3:]),
         "axis_labels": tuple(layer.axis_labels[-3:]),
-        "units": tuple(str(unit) for unit in layer.units[-3:]),
     }
 
 
-def derived_metadata(data_layer, role, **info):
-    """Return ``metadata`` for a layer computed on the grid of ``data_layer``."""
+def derived_metadata(source_layer, role, **info):
+    """Return ``metadata`` for a layer computed on the grid of ``source_layer``."""
     nifti = layer_nifti_metadata(
-        data_layer.metadata, data_layer.scale, data_layer.translate, data_layer.data.shape
+        source_layer.metadata, source_layer.scale, source_layer.translate, source_layer.data.shape
     )
     return {md.NIFTI_KEY: derived_nifti_metadata(nifti), md.GACC_KEY: {"role": role, **info}}
 
@@ -173,15 +177,47 @@ def apply_cluster_table(layers, names, colors):
     return cluster_table(names, colors, dtype=needed)
 
 
-def collect_ground_truth(layers, spatial_shape, *, complete=True):
-    """Build ``cluster_xyzp`` from the used annotation layers on one grid.
+@dataclass
+class AnnotationSnapshot:
+    """Copies of the annotation layers, safe to read in a worker thread.
 
-    Returns
-    -------
-    cluster_xyzp : ndarray of shape (X, Y, Z, P), float32
-        1 inside, 0 outside, NaN unknown; P is the length of the cluster table.
-    names : list of str
-        Cluster names in label order.
+    Attributes
+    ----------
+    label_arrays : list of ndarray of shape (X, Y, Z)
+    layer_names : list of str
+    complete : list of bool
+        Per layer, whether a painted voxel is fully annotated.
+    cluster_names, cluster_colors : list of str
+        The cluster table, in label order.
+    """
+
+    label_arrays: list
+    layer_names: list
+    complete: list
+    cluster_names: list
+    cluster_colors: list
+
+    def to_cluster_xyzp(self):
+        """Return ``cluster_xyzp`` of shape (X, Y, Z, P): 1 inside, 0 outside, NaN unknown."""
+        return annotations_to_cluster_xyzp(
+            self.label_arrays,
+            len(self.cluster_names),
+            complete=self.complete,
+            names=self.layer_names,
+        )
+
+
+def snapshot_annotations(layers, spatial_shape):
+    """Copy the annotation layers on one grid that are marked for training.
+
+    Each layer's ``metadata["gacc"]["complete"]`` (default True) says
+    whether a voxel painted in it is fully annotated (see
+    :mod:`napari_gacc._layers`).
+
+    Raises
+    ------
+    InvalidInputError
+        If no such layer exists or the cluster table is empty.
     """
     used = annotation_layers(layers, spatial_shape, used_only=True)
     table = current_cluster_table(layers)
@@ -190,14 +226,30 @@ def collect_ground_truth(layers, spatial_shape, *, complete=True):
             "No annotation layer on the data grid is marked for training. Add or "
             "import annotations in the GACC setup widget first."
         )
-    names = [name for name, _color in table_clusters(table)]
-    cluster_xyzp = annotations_to_cluster_xyzp(
-        [np.asarray(layer.data) for layer in used],
-        len(names),
-        complete=complete,
-        names=[layer.name for layer in used],
+    clusters = table_clusters(table)
+    if not clusters:
+        raise InvalidInputError("The cluster table is empty; add at least one cluster.")
+    return AnnotationSnapshot(
+        label_arrays=[np.array(layer.data) for layer in used],
+        layer_names=[layer.name for layer in used],
+        complete=[bool(md.gacc_info(layer).get("complete", True)) for layer in used],
+        cluster_names=[name for name, _color in clusters],
+        cluster_colors=[color for _name, color in clusters],
     )
-    return cluster_xyzp, names
+
+
+def collect_ground_truth(layers, spatial_shape):
+    """Build ``cluster_xyzp`` and the cluster names from the used annotation layers.
+
+    Returns
+    -------
+    cluster_xyzp : ndarray of shape (X, Y, Z, P), float32
+        1 inside, 0 outside, NaN unknown; P is the length of the cluster table.
+    names : list of str
+        Cluster names in label order.
+    """
+    snapshot = snapshot_annotations(layers, spatial_shape)
+    return snapshot.to_cluster_xyzp(), snapshot.cluster_names
 
 
 def known_voxel_counts(cluster_xyzp):
@@ -230,3 +282,39 @@ def mask_xyz_of(mask_layer, spatial_shape):
     if not mask.any():
         raise InvalidInputError(f"Mask layer {mask_layer.name!r} is empty; paint or load a mask.")
     return mask
+
+
+def load_atlas_annotations(path, nifti, *, threshold=0.5, resample=False, label_offset=0):
+    """Read an atlas file as annotation arrays on the grid of a data layer.
+
+    Runs :func:`gacc.nifti.load_clusters` with the data's grid as reference,
+    so it can run in a worker thread (it touches no layer).
+
+    Parameters
+    ----------
+    path : str or Path
+        A 4D probabilistic atlas or a 3D label atlas (``.nii`` or ``.nii.gz``).
+    nifti : dict
+        ``metadata["nifti"]`` of the data layer.
+    threshold : float, default=0.5
+        Probabilities ``>= threshold`` count as inside a cluster.
+    resample : bool, default=False
+        Whether an atlas on another grid is resampled onto the data grid.
+    label_offset : int, default=0
+        Number of clusters already in the table; the atlas clusters follow them.
+
+    Returns
+    -------
+    label_arrays : list of ndarray of shape (X', Y', Z')
+        In the layer's RAS+ voxel order; overlapping clusters in separate arrays.
+    names : list of str
+        One name per atlas cluster.
+    """
+    cluster_xyzp, names = load_clusters(
+        path, threshold=threshold, reference=reference_img(nifti), resample=resample
+    )
+    cluster_xyzp = to_display_order(cluster_xyzp, nifti["orientation"])
+    label_arrays, _groups = cluster_xyzp_to_annotations(
+        cluster_xyzp, threshold=threshold, label_offset=label_offset
+    )
+    return label_arrays, list(names)

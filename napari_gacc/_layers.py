@@ -76,8 +76,9 @@ def annotations_to_cluster_xyzp(label_arrays, n_clusters, *, complete=True, name
         of this module; each array's background value comes from its dtype.
     n_clusters : int
         P, the number of clusters in the cluster table.
-    complete : bool, default=True
-        Whether a painted voxel is outside every cluster not painted at it.
+    complete : bool or sequence of bool, default=True
+        Whether a voxel painted in a layer is outside every cluster not
+        painted at it in any layer; one value for all layers or one per layer.
     names : sequence of str or None, default=None
         Layer names, used in error messages.
 
@@ -96,6 +97,8 @@ def annotations_to_cluster_xyzp(label_arrays, n_clusters, *, complete=True, name
     if not label_arrays:
         raise InvalidInputError("No annotation layer given; add or import one first.")
     names = list(names) if names is not None else [f"#{i}" for i in range(len(label_arrays))]
+    if isinstance(complete, (bool, np.bool_)):
+        complete = [bool(complete)] * len(label_arrays)
     shape = label_arrays[0].shape
     if len(shape) != 3:
         raise InvalidInputError(
@@ -103,10 +106,10 @@ def annotations_to_cluster_xyzp(label_arrays, n_clusters, *, complete=True, name
         )
     n_voxels = int(np.prod(shape))
     inside = np.zeros((n_voxels, n_clusters), dtype=bool)
-    painted = np.zeros(n_voxels, dtype=bool)
-    background = np.zeros(n_voxels, dtype=bool)
+    # Voxels whose every cluster entry is known: outside unless painted inside.
+    fully_known = np.zeros(n_voxels, dtype=bool)
 
-    for array, name in zip(label_arrays, names):
+    for array, name, layer_complete in zip(label_arrays, names, complete):
         if array.shape != shape:
             raise InvalidInputError(
                 f"Annotation layer {name!r} has shape {array.shape} but {names[0]!r} has "
@@ -126,14 +129,10 @@ def annotations_to_cluster_xyzp(label_arrays, n_clusters, *, complete=True, name
             )
         voxel_index = np.flatnonzero(is_cluster)
         inside[voxel_index, values[voxel_index].astype(np.int64) - 1] = True
-        painted |= is_cluster | is_background
-        background |= is_background
+        fully_known |= (is_cluster | is_background) if layer_complete else is_background
 
     cluster_vp = np.full((n_voxels, n_clusters), np.nan, dtype=np.float32)
-    if complete:
-        cluster_vp[painted] = 0.0
-    else:
-        cluster_vp[background] = 0.0
+    cluster_vp[fully_known] = 0.0
     cluster_vp[inside] = 1.0
     return cluster_vp.reshape(shape + (n_clusters,))
 
@@ -191,7 +190,7 @@ def group_non_overlapping(overlap):
     return [sorted(np.flatnonzero(colour == c).tolist()) for c in range(n_groups)]
 
 
-def binary_to_label_arrays(binary_xyzk, groups, *, dtype=None, background=None):
+def binary_to_label_arrays(binary_xyzk, groups, *, dtype=None, background=None, label_offset=0):
     """Draw binary clusters into one label array per group.
 
     Parameters
@@ -200,22 +199,28 @@ def binary_to_label_arrays(binary_xyzk, groups, *, dtype=None, background=None):
     groups : list of list of int
         Groups of non-overlapping clusters, from :func:`group_non_overlapping`.
     dtype : numpy dtype or None, default=None
-        Label data type; None picks :func:`annotation_dtype` for K.
+        Label data type; None picks :func:`annotation_dtype` for
+        K + ``label_offset`` labels.
     background : ndarray of shape (X, Y, Z), bool, or None, default=None
         Voxels to mark with the background value in the first array.
+    label_offset : int, default=0
+        Added to every cluster label, to append clusters after those of an
+        existing cluster table.
 
     Returns
     -------
     label_arrays : list of ndarray of shape (X, Y, Z)
-        Cluster k (0-based) is drawn with value k + 1.
+        Cluster k (0-based) is drawn with value k + 1 + ``label_offset``.
     """
     binary_xyzk = np.asarray(binary_xyzk, dtype=bool)
-    dtype = annotation_dtype(binary_xyzk.shape[-1]) if dtype is None else np.dtype(dtype)
+    if dtype is None:
+        dtype = annotation_dtype(binary_xyzk.shape[-1] + label_offset)
+    dtype = np.dtype(dtype)
     label_arrays = []
     for group in groups:
         labels = np.zeros(binary_xyzk.shape[:3], dtype=dtype)
         for k in group:
-            labels[binary_xyzk[..., k]] = k + 1
+            labels[binary_xyzk[..., k]] = k + 1 + label_offset
         label_arrays.append(labels)
     if background is not None:
         if not label_arrays:
@@ -224,7 +229,7 @@ def binary_to_label_arrays(binary_xyzk, groups, *, dtype=None, background=None):
     return label_arrays
 
 
-def cluster_xyzp_to_annotations(cluster_xyzp, *, threshold=0.5):
+def cluster_xyzp_to_annotations(cluster_xyzp, *, threshold=0.5, label_offset=0):
     """Convert engine ground truth to annotation layer arrays.
 
     The inverse of :func:`annotations_to_cluster_xyzp` with ``complete=True``
@@ -236,6 +241,8 @@ def cluster_xyzp_to_annotations(cluster_xyzp, *, threshold=0.5):
         1 inside, 0 outside, NaN unknown; probabilities are thresholded.
     threshold : float, default=0.5
         Values ``>= threshold`` count as inside.
+    label_offset : int, default=0
+        Cluster p gets label p + 1 + ``label_offset``.
 
     Returns
     -------
@@ -255,7 +262,9 @@ def cluster_xyzp_to_annotations(cluster_xyzp, *, threshold=0.5):
     groups = group_non_overlapping(overlap_counts(binary))
     if not groups:
         groups = [[]]
-    label_arrays = binary_to_label_arrays(binary, groups, background=background)
+    label_arrays = binary_to_label_arrays(
+        binary, groups, background=background, label_offset=label_offset
+    )
     return label_arrays, groups
 
 

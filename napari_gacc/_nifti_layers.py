@@ -162,7 +162,7 @@ def img_to_layer_data(img, *, name, role=None):
         "scaling": scaling,
         "derived": False,
     }
-    kwargs = _layer_kwargs(name, role, geometry, array.ndim, img.header)
+    kwargs = _layer_kwargs(name, role, geometry, array.ndim)
     kwargs["metadata"] = {md.NIFTI_KEY: nifti, md.GACC_KEY: {"role": role}}
     layer_type = "labels" if role in md.LABEL_ROLES else "image"
     if layer_type == "labels" and not np.issubdtype(array.dtype, np.integer):
@@ -172,24 +172,18 @@ def img_to_layer_data(img, *, name, role=None):
     return array, kwargs, layer_type
 
 
-def _layer_kwargs(name, role, geometry, ndim, header):
-    spatial_unit = header.get_xyzt_units()[0] if hasattr(header, "get_xyzt_units") else "unknown"
-    # NIfTI readers treat an unknown spatial unit as millimetres.
-    if spatial_unit in ("unknown", None):
-        spatial_unit = "mm"
-    if spatial_unit == "micron":
-        spatial_unit = "um"
+def _layer_kwargs(name, role, geometry, ndim):
+    # Layer units are left unset: napari warns whenever layers with and
+    # without units are shown together, and NIfTI grids are in mm anyway.
     kwargs = {"name": name}
     if ndim == 4:
         kwargs["scale"] = (1.0,) + geometry.scale
         kwargs["translate"] = (0.0,) + geometry.translate
         kwargs["axis_labels"] = _AXIS_LABELS.get(role, ("volume", "x", "y", "z"))
-        kwargs["units"] = ("pixel",) + (spatial_unit,) * 3
     else:
         kwargs["scale"] = geometry.scale
         kwargs["translate"] = geometry.translate
         kwargs["axis_labels"] = ("x", "y", "z")
-        kwargs["units"] = (spatial_unit,) * 3
     if role == md.ROLE_PROBABILITIES:
         kwargs.update(colormap="inferno", contrast_limits=(0.0, 1.0), blending="additive")
     elif role in (md.ROLE_DATA, md.ROLE_ANATOMY):

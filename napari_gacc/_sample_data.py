@@ -29,7 +29,7 @@ def demo_layer_data(bunch, *, name="demo"):
     names = [str(cluster_name) for cluster_name in bunch.cluster_names]
     table = cluster_table(names, dtype=label_arrays[0].dtype)
     placement = {
-        key: tuple(data_kwargs[key][-3:]) for key in ("scale", "translate", "axis_labels", "units")
+        key: tuple(data_kwargs[key][-3:]) for key in ("scale", "translate", "axis_labels")
     }
     annotations = []
     for index, labels in enumerate(label_arrays):
