@@ -8,7 +8,7 @@
 
 import logging
 
-from . import callbacks
+from . import atlases, callbacks, datasets, metrics, nifti, splits
 from ._version import __version__
 from .devices import available_devices, resolve_device
 from .estimator import GACC
@@ -23,7 +23,12 @@ __all__ = [
     "NonFiniteLossError",
     "NotFittedError",
     "__version__",
+    "atlases",
     "available_devices",
     "callbacks",
+    "datasets",
+    "metrics",
+    "nifti",
     "resolve_device",
+    "splits",
 ]

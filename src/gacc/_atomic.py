@@ -37,6 +37,11 @@ def atomic_path(path):
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=folder)
     os.close(fd)
     tmp_path = Path(tmp_name)
+    # mkstemp creates the file readable by its owner only; give the result the
+    # permissions a plain open() would, under the user's umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
         os.replace(tmp_path, path)

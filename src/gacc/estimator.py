@@ -20,7 +20,7 @@ from .preprocessing import (
     foreground_indices,
     positional_encoding,
 )
-from .sampling import draw_training_sets, prediction_sets
+from .sampling import draw_local_training_sets, draw_training_sets, prediction_sets
 from .training import Batch, GACCNetworks, LossWeights, TrainingStep
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,14 @@ class GACC(BaseEstimator):
         the foreground voxels in ``fit`` and reused in ``predict``. None turns
         scaling off.
     set_size : int, default=8
-        N, voxels per set. A set is drawn uniformly at random from the
-        foreground, in training and in prediction alike.
+        N, voxels per set.
+    set_sampling : {"global", "local"}, default="global"
+        How a set is drawn, in training and in prediction alike. "global":
+        N voxels drawn uniformly at random from the whole foreground.
+        "local": N voxels drawn at random from one cube of ``window_size``
+        voxels per side, the cubes laid over the volume at a random offset.
+    window_size : int, default=5
+        Side of the cubes of "local" sampling, in voxels.
     batch_size : int, default=32
         B, sets per training step.
     hidden_size : int, default=64
@@ -134,6 +140,8 @@ class GACC(BaseEstimator):
         run_eagerly=True,
         min_max_scale_range=(0.0, 1.0),
         set_size=8,
+        set_sampling="global",
+        window_size=5,
         batch_size=32,
         hidden_size=64,
         column_hidden_size=32,
@@ -158,6 +166,8 @@ class GACC(BaseEstimator):
         self.run_eagerly = run_eagerly
         self.min_max_scale_range = min_max_scale_range
         self.set_size = set_size
+        self.set_sampling = set_sampling
+        self.window_size = window_size
         self.batch_size = batch_size
         self.hidden_size = hidden_size
         self.column_hidden_size = column_hidden_size
@@ -185,7 +195,7 @@ class GACC(BaseEstimator):
         positive_ints = (
             "num_clusters", "set_size", "batch_size", "hidden_size", "column_hidden_size",
             "num_heads", "num_layers", "num_frequencies", "prediction_repeats",
-            "prediction_batch_size",
+            "prediction_batch_size", "window_size",
         )
         for name in positive_ints:
             value = getattr(self, name)
@@ -217,6 +227,10 @@ class GACC(BaseEstimator):
         if not (_is_real(self.hide_probability) and 0 < self.hide_probability < 1):
             raise InvalidInputError(
                 f"hide_probability={self.hide_probability!r} must lie strictly between 0 and 1."
+            )
+        if self.set_sampling not in ("global", "local"):
+            raise InvalidInputError(
+                f"set_sampling={self.set_sampling!r} is not supported; use 'global' or 'local'."
             )
         if self.class_weight not in (None, "balanced"):
             raise InvalidInputError(
@@ -413,6 +427,7 @@ class GACC(BaseEstimator):
             "position": torch.from_numpy(position).to(device),
             "targets": torch.from_numpy(known_values).to(device),
             "known": torch.from_numpy(known_entries.astype(np.float32)).to(device),
+            "ijk": np.stack(np.unravel_index(flat_indices, self.spatial_shape_), axis=1),
         }
 
     def _build_trainer(self, known_values, known_entries, reuse_optimizers):
@@ -450,9 +465,16 @@ class GACC(BaseEstimator):
             )
 
     def _sample_batch(self, tensors):
-        positions = draw_training_sets(
-            len(tensors["data"]), self.batch_size, self.set_size, self._sampling_generator
-        ).to(self.device_)  # (B, N)
+        if self.set_sampling == "local":
+            positions = draw_local_training_sets(
+                tensors["ijk"], self.batch_size, self.set_size, self.window_size,
+                self._sampling_generator,
+            )
+        else:
+            positions = draw_training_sets(
+                len(tensors["data"]), self.batch_size, self.set_size, self._sampling_generator
+            )
+        positions = positions.to(self.device_)  # (B, N)
         data = tensors["data"][positions]  # (B, N, T)
         position = tensors["position"][positions]  # (B, N, E)
         return Batch(
@@ -561,13 +583,14 @@ class GACC(BaseEstimator):
             )
         scaled, position = self._voxel_tokens(data, flat_indices)
         tokens = torch.from_numpy(np.concatenate((scaled, position), axis=1)).to(self.device_)
-        memberships = self._predict_tokens(tokens)
+        ijk = np.stack(np.unravel_index(flat_indices, self.spatial_shape_), axis=1)
+        memberships = self._predict_tokens(tokens, ijk)
 
         output = np.zeros((int(np.prod(self.spatial_shape_)), self.num_clusters), np.float32)
         output[flat_indices] = memberships
         return output.reshape(self.spatial_shape_ + (self.num_clusters,))
 
-    def _predict_tokens(self, tokens):
+    def _predict_tokens(self, tokens, ijk):
         """Return averaged memberships (n_voxels, K) for voxel tokens (n_voxels, F)."""
         n_voxels = len(tokens)
         total = torch.zeros(n_voxels, self.num_clusters, device=self.device_)
@@ -575,8 +598,10 @@ class GACC(BaseEstimator):
         generator = self.networks_.generator
         self.networks_.eval()
         with torch.inference_mode():
+            window = self.window_size if self.set_sampling == "local" else None
             for sets, counted in prediction_sets(n_voxels, self.set_size,
-                                                 self.prediction_repeats, seed):
+                                                 self.prediction_repeats, seed, ijk=ijk,
+                                                 window=window):
                 for start in range(0, len(sets), self.prediction_batch_size):
                     chunk = torch.from_numpy(sets[start:start + self.prediction_batch_size])
                     chunk = chunk.to(self.device_)

@@ -11,7 +11,7 @@ like a training set, and its memberships are the mean over repeats.
 import numpy as np
 import torch
 
-__all__ = ["draw_training_sets", "prediction_sets"]
+__all__ = ["draw_local_training_sets", "draw_training_sets", "local_partition", "prediction_sets"]
 
 
 def draw_training_sets(n_voxels, n_sets, set_size, generator):
@@ -52,8 +52,29 @@ def draw_training_sets(n_voxels, n_sets, set_size, generator):
     return sets
 
 
-def prediction_sets(n_voxels, set_size, repeats, seed):
+def draw_local_training_sets(ijk, n_sets, set_size, window, generator):
+    """Draw training sets from local cubes, exactly as :func:`prediction_sets` does.
+
+    A fresh random partition into local sets is made (seeded from
+    ``generator``) and ``n_sets`` of its sets are picked at random, so every
+    training set is distributed like a prediction set.
+
+    Returns
+    -------
+    LongTensor of shape (B, N)
+    """
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    rng = np.random.default_rng(seed)
+    sets, _ = local_partition(ijk, set_size, window, rng)
+    chosen = rng.choice(len(sets), size=n_sets, replace=len(sets) < n_sets)
+    return torch.from_numpy(sets[chosen])
+
+
+def prediction_sets(n_voxels, set_size, repeats, seed, *, ijk=None, window=None):
     """Yield, for each repeat, sets that cover every foreground voxel once.
+
+    With ``window``, sets are drawn from local cubes by :func:`local_partition`
+    (``ijk`` gives the voxels' indices); without it, from the whole foreground.
 
     The last set of a repeat is filled up with other randomly chosen voxels
     when ``n_voxels`` is not a multiple of ``set_size``; a per-set weight
@@ -74,6 +95,10 @@ def prediction_sets(n_voxels, set_size, repeats, seed):
         False for fill-in voxels.
     """
     rng = np.random.default_rng(seed)
+    if window is not None:
+        for _ in range(repeats):
+            yield local_partition(ijk, set_size, window, rng)
+        return
     n_sets = -(-n_voxels // set_size)
     n_fill = n_sets * set_size - n_voxels
     for _ in range(repeats):
@@ -91,3 +116,53 @@ def prediction_sets(n_voxels, set_size, repeats, seed):
             order = np.concatenate((order, fill))
             counted[n_voxels:] = False
         yield order.reshape(n_sets, set_size), counted.reshape(n_sets, set_size)
+
+
+def local_partition(ijk, set_size, window, rng):
+    """Split voxels into sets of ``set_size`` drawn from local cubic windows.
+
+    The volume is cut into cubes of ``window`` voxels per side at a random
+    offset; the voxels of each cube are shuffled and split into sets. The
+    last set of a cube is filled up with other randomly chosen voxels of the
+    same cube (repeated when the cube holds fewer than ``set_size`` voxels).
+
+    Parameters
+    ----------
+    ijk : ndarray of shape (n_voxels, 3), int
+        Voxel indices of the foreground voxels.
+    set_size : int
+    window : int
+        Side of the cubes, in voxels.
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    sets : ndarray of shape (n_sets, N), int64
+        Positions into the foreground list; every voxel is counted once.
+    counted : ndarray of shape (n_sets, N), bool
+        False for fill-in voxels.
+    """
+    n_voxels = len(ijk)
+    offset = rng.integers(window, size=3)
+    tiles = (ijk + offset) // window  # (n_voxels, 3)
+    tile_id = np.ravel_multi_index(tiles.T, tiles.max(axis=0) + 1)
+    order = np.lexsort((rng.random(n_voxels), tile_id))
+    sorted_tiles = tile_id[order]
+    starts = np.flatnonzero(np.r_[True, sorted_tiles[1:] != sorted_tiles[:-1]])
+    counts = np.diff(np.r_[starts, n_voxels])
+    rank = np.arange(n_voxels) - np.repeat(starts, counts)
+    sets_per_tile = -(-counts // set_size)
+    first_set = np.r_[0, np.cumsum(sets_per_tile)[:-1]]
+    set_index = np.repeat(first_set, counts) + rank // set_size
+
+    sets = np.full((int(sets_per_tile.sum()), set_size), -1, dtype=np.int64)
+    sets[set_index, rank % set_size] = order
+    counted = sets >= 0
+    empty_rows, empty_columns = np.nonzero(~counted)
+    if len(empty_rows):
+        tile_of_set = np.repeat(np.arange(len(counts)), sets_per_tile)[empty_rows]
+        pick = starts[tile_of_set] + (rng.random(len(empty_rows)) * counts[tile_of_set]).astype(
+            np.int64
+        )
+        sets[empty_rows, empty_columns] = order[pick]
+    return sets, counted
