@@ -312,6 +312,16 @@ def test_predict_repeats_exactly(volume):
     assert np.array_equal(model.predict(data), model.predict(data))
 
 
+def test_predict_in_chunks(fitted, volume):
+    # Sets split over several forward passes give the same memberships.
+    data, _ = volume
+    whole = fitted.predict(data)
+    chunked = clone(fitted).set_params(prediction_batch_size=3)
+    for name in ("networks_", "scaling_", "spatial_shape_", "n_features_in_", "device_"):
+        setattr(chunked, name, getattr(fitted, name))
+    np.testing.assert_allclose(chunked.predict(data), whole, atol=1e-6)
+
+
 def test_refit_starts_afresh(volume):
     data, clusters = volume
     model = _fit(data, clusters, steps=8)
