@@ -24,7 +24,11 @@ def demo_layer_data(bunch, *, name="demo"):
     mask[1].update(visible=False, opacity=0.3)
 
     nifti = data_kwargs["metadata"][md.NIFTI_KEY]
-    cluster_xyzp = to_display_order(np.asarray(bunch.cluster_xyzp), nifti["orientation"])
+    cluster_xyzp = np.array(bunch.cluster_xyzp, dtype=np.float32)
+    # Outside the brain nothing is sampled, so leave it unpainted rather
+    # than painting the whole field of view as background.
+    cluster_xyzp[~np.asarray(bunch.mask, dtype=bool)] = np.nan
+    cluster_xyzp = to_display_order(cluster_xyzp, nifti["orientation"])
     label_arrays, _groups = cluster_xyzp_to_annotations(cluster_xyzp)
     names = [str(cluster_name) for cluster_name in bunch.cluster_names]
     table = cluster_table(names, dtype=label_arrays[0].dtype)
