@@ -186,6 +186,32 @@ def test_default_mask_skips_zero_voxels(volume, monkeypatch):
     _assert_batches_inside(batches, ~background, model)
 
 
+def test_local_sampling_fit_and_predict(volume, monkeypatch):
+    data, clusters = volume
+    mask = np.zeros(SPATIAL_SHAPE, dtype=bool)
+    mask[1:8, 2:9, 1:7] = True
+    batches = _spy_batches(monkeypatch)
+    params = {"set_sampling": "local", "window_size": 3}
+    model = _fit(data, clusters, steps=10, params=params, mask=mask)
+    _assert_batches_inside(batches, mask, model)
+
+    proba = model.predict(data, mask=mask)
+    assert proba.shape == SPATIAL_SHAPE + (K,)
+    assert np.all(proba[~mask] == 0.0)
+    assert np.all(proba[mask] > 0.0)
+    assert proba.max() <= 1.0
+    assert np.array_equal(model.predict(data, mask=mask), proba)
+    again = _fit(data, clusters, steps=10, params=params, mask=mask)
+    assert again.history_ == model.history_
+
+
+def test_local_sampling_changes_training(volume):
+    data, clusters = volume
+    local = _fit(data, clusters, params={"set_sampling": "local", "window_size": 3})
+    plain = _fit(data, clusters)
+    assert local.history_["supervised"] != plain.history_["supervised"]
+
+
 def test_known_entries_outside_mask(volume):
     data, clusters = volume
     mask = np.zeros(SPATIAL_SHAPE, dtype=bool)
@@ -601,6 +627,8 @@ INVALID_PARAMS = [
     ({"column_hidden_size": 6, "num_heads": 4},
      "column_hidden_size=6 must be a multiple of num_heads=4"),
     ({"class_weight": "bad"}, r"class_weight='bad' is not supported; use None or 'balanced'"),
+    ({"set_sampling": "cube"}, r"set_sampling='cube' is not supported; use 'global' or 'local'"),
+    ({"window_size": 0}, "window_size=0"),
     ({"hide_probability": 1}, "hide_probability=1 must lie strictly between 0 and 1"),
     ({"hide_probability": 0.0}, "hide_probability=0.0"),
     ({"hide_probability": "half"}, "hide_probability='half'"),

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from gacc.sampling import draw_training_sets, prediction_sets
+from gacc.sampling import (
+    draw_local_training_sets,
+    draw_training_sets,
+    local_partition,
+    prediction_sets,
+)
 
 # Voxel counts that take each branch of draw_training_sets: permutations for
 # at most 4 * N voxels, draws with duplicate repair above that.
@@ -110,3 +115,69 @@ def test_prediction_repeats_differ():
     partitions = [sets.copy() for sets, _ in prediction_sets(40, 8, 3, seed=0)]
     assert not np.array_equal(partitions[0], partitions[1])
     assert not np.array_equal(partitions[1], partitions[2])
+
+
+# ----------------------------------------------------------------------
+# Local sets, drawn from small cubes
+
+
+def _scattered_foreground(shape=(9, 10, 8), fraction=0.6, seed=0):
+    """Return (n_voxels, 3) voxel indices of a random foreground, in C order."""
+    mask = np.random.default_rng(seed).random(shape) < fraction
+    return np.stack(np.unravel_index(np.flatnonzero(mask), shape), axis=1)
+
+
+@pytest.mark.parametrize("window", [2, 3, 5, 20])
+def test_local_prediction_sets_cover_once(window):
+    ijk = _scattered_foreground()
+    n_voxels = len(ijk)
+    seen = 0
+    for sets, counted in prediction_sets(n_voxels, 8, 4, seed=0, ijk=ijk, window=window):
+        seen += 1
+        assert sets.shape[1] == 8
+        assert counted.shape == sets.shape
+        assert int(sets.min()) >= 0
+        assert int(sets.max()) < n_voxels
+        counts = np.bincount(sets[counted], minlength=n_voxels)
+        assert np.array_equal(counts, np.ones(n_voxels, dtype=int))
+    assert seen == 4
+
+
+@pytest.mark.parametrize("window", [2, 3, 5])
+def test_local_sets_stay_in_window(window):
+    # Every voxel of a set, fill-in voxels included, lies in one cube of
+    # `window` voxels per side.
+    ijk = _scattered_foreground()
+    for sets, _ in prediction_sets(len(ijk), 8, 4, seed=1, ijk=ijk, window=window):
+        extent = ijk[sets].max(axis=1) - ijk[sets].min(axis=1)  # (n_sets, 3)
+        assert int(extent.max()) < window
+
+
+def test_local_partition_offsets_vary():
+    # The cubes move between repeats, so a voxel meets other neighbours.
+    ijk = _scattered_foreground()
+    partitions = [sets.copy() for sets, _ in prediction_sets(len(ijk), 8, 3, seed=0, ijk=ijk,
+                                                             window=3)]
+    assert not np.array_equal(partitions[0], partitions[1])
+
+
+def test_local_training_sets():
+    ijk = _scattered_foreground()
+    first = draw_local_training_sets(ijk, 16, 8, 3, torch.Generator().manual_seed(4))
+    second = draw_local_training_sets(ijk, 16, 8, 3, torch.Generator().manual_seed(4))
+    other = draw_local_training_sets(ijk, 16, 8, 3, torch.Generator().manual_seed(5))
+    assert first.shape == (16, 8)
+    assert first.dtype == torch.int64
+    assert int(first.min()) >= 0
+    assert int(first.max()) < len(ijk)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
+    extent = ijk[first.numpy()].max(axis=1) - ijk[first.numpy()].min(axis=1)
+    assert int(extent.max()) < 3
+
+
+def test_local_single_voxel():
+    ijk = np.array([[4, 2, 7]])
+    sets, counted = local_partition(ijk, 5, 3, np.random.default_rng(0))
+    assert sets.tolist() == [[0, 0, 0, 0, 0]]
+    assert counted.tolist() == [[True, False, False, False, False]]
