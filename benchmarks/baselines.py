@@ -431,7 +431,8 @@ def label_spreading_baseline(
         y[: labelled.size] = labels[labelled, p] >= MEMBERSHIP_THRESHOLD
         model = LabelSpreading(kernel="knn", n_neighbors=n_neighbors, alpha=alpha, max_iter=100)
         model.fit(features[rows], y)
-        spread = _positive_probability(model.predict_proba(features), model.classes_)
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 rows are handled below
+            spread = _positive_probability(model.predict_proba(features), model.classes_)
         # Voxels whose graph neighbours received no label at all come out
         # as 0 / 0; they get the share of members among the known entries.
         proba[:, p] = np.where(np.isfinite(spread), spread, targets.mean())
