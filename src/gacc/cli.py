@@ -102,6 +102,9 @@ def build_parser():
     )
     demo.add_argument("--output-dir", "-o", type=Path, default=Path("gacc_demo"),
                       help="folder for the outputs (default: %(default)s)")
+    demo.add_argument("--given-clusters", type=int, default=28,
+                      help="P, Harvard-Oxford regions given to the model, the largest first; "
+                           "0 gives all 110 (default: %(default)s)")
     demo.add_argument("--known-slices", type=_positive_int, default=6,
                       help="axial slices per cluster whose labels are kept (default: "
                            "%(default)s)")
@@ -189,7 +192,8 @@ def _run_demo(args):
     params = _model_params(args)
     summary = run_demo(
         args.output_dir, epochs=args.epochs, num_batches=args.num_batches,
-        n_known_slices=args.known_slices, data_dir=args.data_dir, progress=not args.quiet,
+        n_given_clusters=args.given_clusters or None, n_known_slices=args.known_slices,
+        data_dir=args.data_dir, progress=not args.quiet,
         **params,
     )
     print(f"Held-out Dice (mean over {summary['n_clusters_given']} clusters): "

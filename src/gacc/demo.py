@@ -36,17 +36,20 @@ def write_history(history, path):
     return path
 
 
-def run_demo(output_dir="gacc_demo", *, num_clusters=None, epochs=40, num_batches=10,
-             n_known_slices=6, device="auto", random_state=0, data_dir=None, progress=True,
-             **model_params):
+def run_demo(output_dir="gacc_demo", *, n_given_clusters=28, num_clusters=None, epochs=40,
+             num_batches=10, n_known_slices=6, device="auto", random_state=0, data_dir=None,
+             progress=True, **model_params):
     """Fit GACC on the real demo case and write predictions, scores and a figure.
 
     Parameters
     ----------
     output_dir : str or Path, default="gacc_demo"
         Folder for the outputs; created if missing.
+    n_given_clusters : int or None, default=28
+        P, how many Harvard-Oxford regions are given, the largest first;
+        None gives all of them.
     num_clusters : int, optional
-        K; default 50, or P when the demo has more than 50 clusters.
+        K; default 50, or P when P is larger.
     epochs, num_batches : int
         Training budget: ``epochs * num_batches`` steps.
     n_known_slices : int, default=6
@@ -74,12 +77,15 @@ def run_demo(output_dir="gacc_demo", *, num_clusters=None, epochs=40, num_batche
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     demo = datasets.load_demo(data_dir=data_dir)
-    n_clusters_given = demo.cluster_xyzp.shape[3]
+    cluster_xyzp, cluster_names = _largest_clusters(
+        demo.cluster_xyzp, demo.cluster_names, demo.mask, n_given_clusters
+    )
+    n_clusters_given = cluster_xyzp.shape[3]
     if num_clusters is None:
         num_clusters = max(50, n_clusters_given)
 
     split = splits.hide_slices(
-        demo.cluster_xyzp, axis=2, n_known_slices=n_known_slices, mask=demo.mask,
+        cluster_xyzp, axis=2, n_known_slices=n_known_slices, mask=demo.mask,
         random_state=random_state,
     )
     known_share = float(split.known_mask[demo.mask].mean())
@@ -97,7 +103,7 @@ def run_demo(output_dir="gacc_demo", *, num_clusters=None, epochs=40, num_batche
     predict_seconds = time.perf_counter() - start
 
     scores = evaluate_clusters(
-        demo.cluster_xyzp, proba_xyzk[..., :n_clusters_given], mask=split.held_out_mask
+        cluster_xyzp, proba_xyzk[..., :n_clusters_given], mask=split.held_out_mask
     )
     paths = {
         "probabilities": save_img(proba_xyzk, demo.data_img, output_dir / "proba_xyzk.nii.gz"),
@@ -110,7 +116,7 @@ def run_demo(output_dir="gacc_demo", *, num_clusters=None, epochs=40, num_batche
         "model": model.save(output_dir / "model.pt"),
         "history": write_history(model.history_, output_dir / "history.csv"),
     }
-    reference_img = to_img(demo.cluster_xyzp.astype(np.uint8), demo.data_img)
+    reference_img = to_img(cluster_xyzp.astype(np.uint8), demo.data_img)
     predicted_img = to_img((proba_xyzk[..., :n_clusters_given] >= 0.5).astype(np.uint8),
                            demo.data_img)
     paths["figure"] = plot_cluster_comparison(
@@ -121,7 +127,7 @@ def run_demo(output_dir="gacc_demo", *, num_clusters=None, epochs=40, num_batche
     per_cluster = [
         {"cluster": name, "dice": _finite_or_none(dice), "iou": _finite_or_none(iou),
          "auc": _finite_or_none(auc)}
-        for name, dice, iou, auc in zip(demo.cluster_names, scores["dice"], scores["iou"],
+        for name, dice, iou, auc in zip(cluster_names, scores["dice"], scores["iou"],
                                         scores["auc"])
     ]
     summary = {
@@ -144,6 +150,17 @@ def run_demo(output_dir="gacc_demo", *, num_clusters=None, epochs=40, num_batche
         tmp_path.write_text(json.dumps(summary, indent=2))
     summary["paths"]["scores"] = str(output_dir / "scores.json")
     return summary
+
+
+def _largest_clusters(cluster_xyzp, names, mask, count):
+    """Keep the ``count`` clusters with most voxels in the mask, in atlas order."""
+    if count is None or count >= cluster_xyzp.shape[3]:
+        return cluster_xyzp, list(names)
+    if count < 1:
+        raise ValueError(f"n_given_clusters={count} must be >= 1, or None for all clusters.")
+    sizes = (cluster_xyzp[mask] > 0.5).sum(axis=0)
+    keep = np.sort(np.argsort(-sizes, kind="stable")[:count])
+    return cluster_xyzp[..., keep], [names[index] for index in keep]
 
 
 def _finite_or_none(value):
