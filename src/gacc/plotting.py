@@ -45,7 +45,8 @@ def plot_cluster_comparison(predicted_img, reference_img, template_img, path, *,
         data = np.asarray(img.dataobj)
         if data.ndim == 4 and not data.any(axis=(0, 1, 2)).any():
             axis.set_axis_off()
-            axis.set_title(f"{row_title}: no voxel above threshold")
+            axis.text(0.5, 0.5, f"{row_title}: no voxel above threshold", color="white",
+                      ha="center", va="center", transform=axis.transAxes)
             continue
         plotting.plot_prob_atlas(
             img, bg_img=template_img, view_type="filled_contours", threshold=0.5,
