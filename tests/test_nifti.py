@@ -410,6 +410,24 @@ def test_nan_and_inf_raise_with_count():
     data[0, 0, 0, :3] = np.nan
     data[6, 7, 8, 4] = np.inf
     with pytest.raises(InvalidInputError, match=r"4 NaN or infinite.*nan_policy='zero'"):
+        nifti.load_data(nib.Nifti1Image(data, AFFINE), nan_policy="raise")
+
+
+def test_nan_kept_by_default(caplog):
+    data = _random_data()
+    data[0, 0, 0, :3] = np.nan
+    data[6, 7, 8, 4] = -np.inf
+    with caplog.at_level(logging.INFO, logger="gacc.nifti"):
+        data_xyzt, _ = nifti.load_data(nib.Nifti1Image(data, AFFINE))
+    assert np.isnan(data_xyzt[0, 0, 0, :3]).all()
+    assert data_xyzt[6, 7, 8, 4] == -np.inf
+    assert np.count_nonzero(~np.isfinite(data_xyzt)) == 4
+    assert "4 NaN or infinite values" in caplog.text
+
+
+def test_all_nan_raises():
+    data = np.full(SHAPE, np.nan, dtype=np.float32)
+    with pytest.raises(InvalidInputError, match="only NaN or infinite"):
         nifti.load_data(nib.Nifti1Image(data, AFFINE))
 
 

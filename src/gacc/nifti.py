@@ -11,6 +11,7 @@ affine and the header fields (units, TR, qform and sform codes) carry over.
 """
 
 import csv
+import gzip
 import logging
 import os
 import zlib
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.arrayproxy import ArrayProxy
 
 from gacc._atomic import atomic_path
 from gacc.exceptions import InvalidInputError
@@ -302,14 +304,42 @@ def load_data_img(img, *, allow_3d=False):
 # ---------------------------------------------------------------------------
 
 
+def _gzip_path(dataobj):
+    """Return the path of a .gz file that ``dataobj`` reads from, or None."""
+    file_like = getattr(dataobj, "file_like", None)
+    if isinstance(file_like, (str, os.PathLike)) and str(file_like).lower().endswith(".gz"):
+        return file_like
+    return None
+
+
+def _read_gzip_checked(proxy, path, dtype):
+    """Read a nibabel array proxy of a .gz file, then check the gzip trailer.
+
+    nibabel stops reading at the end of the voxel data, before the gzip
+    trailer, so the CRC-32 that detects a damaged stream is never checked.
+    Reading the few remaining bytes through the same stream checks it.
+    """
+    with gzip.open(path, "rb") as stream:
+        spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
+        checked = ArrayProxy(stream, spec, order=proxy.order)
+        array = np.asarray(checked, dtype=dtype)
+        stream.read()
+    return array
+
+
 def _read_array(image, name, dtype):
     """Read the scaled voxel array of ``image`` as ``dtype``.
 
     nibabel applies scl_slope and scl_inter and converts the byte order. An
     uncompressed file that needs neither scaling nor conversion comes back
-    as a view of the memory map, so no second copy is made.
+    as a view of the memory map, so no second copy is made. A ``.nii.gz``
+    stream is checked against its CRC-32, so a damaged file raises an error
+    instead of returning wrong values.
     """
     try:
+        path = _gzip_path(image.dataobj)
+        if path is not None:
+            return _read_gzip_checked(image.dataobj, path, dtype)
         return np.asarray(image.dataobj, dtype=dtype)
     except _READ_ERRORS as error:
         raise InvalidInputError(
@@ -347,7 +377,7 @@ def _scan_values(array):
     return n_nonfinite, minimum, maximum
 
 
-def load_data(img, *, mmap=True, dtype=np.float32, nan_policy="raise", allow_3d=False):
+def load_data(img, *, mmap=True, dtype=np.float32, nan_policy="keep", allow_3d=False):
     """Load a 4D data image as an array of shape (X, Y, Z, T).
 
     Parameters
@@ -359,9 +389,13 @@ def load_data(img, *, mmap=True, dtype=np.float32, nan_policy="raise", allow_3d=
         ``dtype`` without scaling is then used in place, not copied.
     dtype : numpy dtype, default=np.float32
         Floating-point type of the returned array.
-    nan_policy : {"raise", "zero"}, default="raise"
-        What to do with NaN and infinite voxels: raise an error, or replace
-        them with 0 and log a warning with their count.
+    nan_policy : {"keep", "raise", "zero"}, default="keep"
+        What to do with NaN and infinite values. "keep" returns them as they
+        are and logs their count. :class:`gacc.GACC` then leaves the voxels
+        that contain any of them out of its default foreground, and raises
+        an error if an explicit mask contains such a voxel, so NaN outside
+        the brain is harmless. "raise" raises an error, and "zero" replaces
+        them with 0 and logs a warning with their count.
     allow_3d : bool, default=False
         Read a 3D image as one volume, shape (X, Y, Z, 1).
 
@@ -378,10 +412,13 @@ def load_data(img, *, mmap=True, dtype=np.float32, nan_policy="raise", allow_3d=
         If the path does not exist.
     InvalidInputError
         If the file is damaged or not 4D, contains NaN or infinite values
-        with ``nan_policy="raise"``, or is constant.
+        with ``nan_policy="raise"``, holds no finite value, or its finite
+        values are all equal.
     """
-    if nan_policy not in ("raise", "zero"):
-        raise ValueError(f"nan_policy={nan_policy!r} is invalid. Use 'raise' or 'zero'.")
+    if nan_policy not in ("keep", "raise", "zero"):
+        raise ValueError(
+            f"nan_policy={nan_policy!r} is invalid. Use 'keep', 'raise' or 'zero'."
+        )
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         raise ValueError(f"dtype={dtype} is invalid. Use a floating-point type.")
@@ -393,12 +430,26 @@ def load_data(img, *, mmap=True, dtype=np.float32, nan_policy="raise", allow_3d=
     data_xyzt = _read_array(image, name, dtype)
 
     n_nonfinite, minimum, maximum = _scan_values(data_xyzt)
-    if n_nonfinite:
+    if n_nonfinite == data_xyzt.size:
+        raise InvalidInputError(
+            f"{name} contains only NaN or infinite values, so check that the right file "
+            "was given."
+        )
+    if n_nonfinite and nan_policy == "keep":
+        logger.info(
+            "%s contains %d NaN or infinite values out of %d. Keeping them: GACC leaves "
+            "the voxels that hold them out of the default foreground.",
+            name,
+            n_nonfinite,
+            data_xyzt.size,
+        )
+    elif n_nonfinite:
         if nan_policy == "raise":
             raise InvalidInputError(
                 f"{name} contains {n_nonfinite} NaN or infinite values out of "
                 f"{data_xyzt.size}. Replace them, for example with "
                 "nilearn.image.clean_img or numpy.nan_to_num, or pass "
+                "nan_policy='keep' to leave their voxels out of the foreground, or "
                 "nan_policy='zero' to set them to 0."
             )
         logger.warning(
