@@ -578,8 +578,13 @@ INVALID_FIT_INPUTS = [
      r"spatial shape \(9, 9, 8\) but data_xyzt has \(9, 10, 8\)"),
     ("too-many-clusters", lambda d, c: (d, np.concatenate([c, c], axis=3), {}),
      r"P=6 clusters, more than num_clusters=4"),
-    ("nan-data", lambda d, c: (np.where(d > 5, np.nan, d), c, {}), "NaN or infinite"),
-    ("inf-data", lambda d, c: (np.where(d > 5, np.inf, d), c, {}), "NaN or infinite"),
+    ("nan-data-in-mask", lambda d, c: (np.where(d > 5, np.nan, d), c,
+                                        {"mask": np.ones(SPATIAL_SHAPE, bool)}),
+     "NaN or infinite values in .* voxels inside the mask"),
+    ("inf-data-in-mask", lambda d, c: (np.where(d > 5, np.inf, d), c,
+                                        {"mask": np.ones(SPATIAL_SHAPE, bool)}),
+     "NaN or infinite values in .* voxels inside the mask"),
+    ("all-nan-data", lambda d, c: (np.full_like(d, np.nan), c, {}), "only NaN or infinite"),
     ("constant-data", lambda d, c: (np.ones_like(d), c, {}), r"constant \(every value is 1.0\)"),
     ("no-known-entry", lambda d, c: (d, np.full_like(c, np.nan), {}), "no known entry"),
     ("clusters-above-one", lambda d, c: (d, _shifted_clusters(c), {}),
@@ -680,13 +685,18 @@ def test_predict_before_fit(volume):
                      r"\(9, 10, 8, 12\)", id="other-T"),
         pytest.param(lambda d: d[:, :, :7], r"\(9, 10, 7, 12\)", id="other-grid"),
         pytest.param(lambda d: d[..., 0], "must be 4D", id="3d"),
-        pytest.param(lambda d: np.where(d > 5, np.nan, d), "NaN", id="nan"),
     ],
 )
 def test_invalid_predict_input(fitted, volume, make_data, message):
     data, _ = volume
     with pytest.raises(gacc.InvalidInputError, match=message):
         fitted.predict(make_data(data))
+
+
+def test_predict_nan_inside_mask(fitted, volume):
+    data, _ = volume
+    with pytest.raises(gacc.InvalidInputError, match="inside the mask"):
+        fitted.predict(np.where(data > 5, np.nan, data), mask=np.ones(SPATIAL_SHAPE, bool))
 
 
 def test_predict_mask_smaller_than_set(fitted, volume):

@@ -55,13 +55,20 @@ def test_data_empty():
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
-def test_data_non_finite(volume, bad):
+def test_data_non_finite_allowed(volume, bad):
+    # Non-finite values are checked on the foreground only, by foreground_indices.
     data, _ = volume
     data = data.copy()
     data[1, 2, 3, 4] = bad
     data[0, 0, 0, 0] = bad
-    with pytest.raises(gacc.InvalidInputError, match="2 NaN or infinite values"):
-        check_data_xyzt(data)
+    checked = check_data_xyzt(data)
+    assert checked is data
+    assert np.count_nonzero(~np.isfinite(checked)) == 2
+
+
+def test_data_all_nan():
+    with pytest.raises(gacc.InvalidInputError, match="only NaN or infinite"):
+        check_data_xyzt(np.full((3, 4, 5, 2), np.nan))
 
 
 def test_data_constant():

@@ -18,6 +18,7 @@ from .preprocessing import (
     check_cluster_xyzp,
     check_data_xyzt,
     foreground_indices,
+    iter_voxels,
     positional_encoding,
 )
 from .sampling import draw_local_training_sets, draw_training_sets, prediction_sets
@@ -268,11 +269,24 @@ class GACC(BaseEstimator):
             )
 
     def _voxel_tokens(self, data, flat_indices):
-        """Return scaled data (n_voxels, T) and positional encoding (n_voxels, E)."""
-        voxels = data.reshape(-1, data.shape[3])[flat_indices]
-        scaled = self.scaling_.transform(voxels)
-        position = positional_encoding(flat_indices, self.spatial_shape_, self.num_frequencies)
-        return scaled, position
+        """Return the tokens (n_voxels, T + E) of the voxels at ``flat_indices``.
+
+        Each row contains the scaled data, then the positional encoding. The
+        rows are built a chunk at a time, so the only full-size array made
+        is the result itself.
+        """
+        n_features = self.n_features_in_
+        n_position = 6 * self.num_frequencies
+        tokens = np.empty((len(flat_indices), n_features + n_position), dtype=np.float32)
+        start = 0
+        for indices, voxels in iter_voxels(data, flat_indices):
+            stop = start + len(indices)
+            tokens[start:stop, :n_features] = self.scaling_.transform(voxels)
+            tokens[start:stop, n_features:] = positional_encoding(
+                indices, self.spatial_shape_, self.num_frequencies
+            )
+            start = stop
+        return tokens
 
     # ------------------------------------------------------------------
     # Training
@@ -393,7 +407,9 @@ class GACC(BaseEstimator):
         self.spatial_shape_ = tuple(int(s) for s in data.shape[:3])
         self.n_features_in_ = int(data.shape[3])
         self.n_known_clusters_ = int(values.shape[3])
-        self.scaling_ = scaling.fit(data.reshape(-1, data.shape[3])[flat_indices])
+        self.scaling_ = scaling.fit_chunks(
+            voxels for _, voxels in iter_voxels(data, flat_indices)
+        )
         seed = self.random_state
         if seed is None:
             seed = int(np.random.default_rng().integers(2**31 - 1))
@@ -420,11 +436,10 @@ class GACC(BaseEstimator):
             )
 
     def _training_tensors(self, data, flat_indices, known_values, known_entries):
-        scaled, position = self._voxel_tokens(data, flat_indices)
+        tokens = self._voxel_tokens(data, flat_indices)
         device = self.device_
         return {
-            "data": torch.from_numpy(scaled).to(device),
-            "position": torch.from_numpy(position).to(device),
+            "tokens": torch.from_numpy(tokens).to(device),
             "targets": torch.from_numpy(known_values).to(device),
             "known": torch.from_numpy(known_entries.astype(np.float32)).to(device),
             "ijk": np.stack(np.unravel_index(flat_indices, self.spatial_shape_), axis=1),
@@ -472,15 +487,14 @@ class GACC(BaseEstimator):
             )
         else:
             positions = draw_training_sets(
-                len(tensors["data"]), self.batch_size, self.set_size, self._sampling_generator
+                len(tensors["tokens"]), self.batch_size, self.set_size, self._sampling_generator
             )
         positions = positions.to(self.device_)  # (B, N)
-        data = tensors["data"][positions]  # (B, N, T)
-        position = tensors["position"][positions]  # (B, N, E)
+        tokens = tensors["tokens"][positions]  # (B, N, T + E)
         return Batch(
-            tokens=torch.cat((data, position), dim=-1),
-            data=data,
-            position=position,
+            tokens=tokens,
+            data=tokens[..., :self.n_features_in_],  # (B, N, T)
+            position=tokens[..., self.n_features_in_:],  # (B, N, E)
             targets=tensors["targets"][positions],
             known=tensors["known"][positions],
         )
@@ -581,8 +595,7 @@ class GACC(BaseEstimator):
                 f"The foreground has {len(flat_indices)} voxels, fewer than "
                 f"set_size={self.set_size}; enlarge the mask."
             )
-        scaled, position = self._voxel_tokens(data, flat_indices)
-        tokens = torch.from_numpy(np.concatenate((scaled, position), axis=1)).to(self.device_)
+        tokens = torch.from_numpy(self._voxel_tokens(data, flat_indices)).to(self.device_)
         ijk = np.stack(np.unravel_index(flat_indices, self.spatial_shape_), axis=1)
         memberships = self._predict_tokens(tokens, ijk)
 

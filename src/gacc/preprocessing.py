@@ -22,8 +22,17 @@ __all__ = [
     "check_data_xyzt",
     "check_mask",
     "foreground_indices",
+    "iter_voxels",
     "positional_encoding",
 ]
+
+# The whole-volume scans read about this many bytes of data at a time, so
+# their temporary masks stay small next to a large 4D array.
+_SCAN_CHUNK_BYTES = 64 * 2**20
+# Tokens are built a chunk of voxels at a time, each chunk holding about
+# this many bytes of float64 values (scaling computes in float64), so no
+# float64 copy of the whole foreground is ever made.
+_VOXEL_CHUNK_BYTES = 16 * 2**20
 
 
 def _as_array(value, name):
@@ -40,15 +49,55 @@ def _as_array(value, name):
         raise InvalidInputError(f"{name} could not be converted to a numpy array: {error}") from error
 
 
+def _slabs(data):
+    """Yield slices of the first axis, each covering about ``_SCAN_CHUNK_BYTES`` of ``data``."""
+    slab_bytes = max(data[:1].nbytes, 1)
+    step = max(1, _SCAN_CHUNK_BYTES // slab_bytes)
+    for start in range(0, data.shape[0], step):
+        yield slice(start, start + step)
+
+
+def _count_float32_overflow(original, converted):
+    """Count the values that are finite in ``original`` but not in its float32 copy."""
+    count = 0
+    for rows in _slabs(original):
+        count += int(np.count_nonzero(np.isfinite(original[rows]) & ~np.isfinite(converted[rows])))
+    return count
+
+
+def _finite_range(data):
+    """Return the minimum and maximum finite value of ``data``, or (nan, nan) if none."""
+    minimum, maximum = np.inf, -np.inf
+    for rows in _slabs(data):
+        slab = data[rows]
+        finite = np.isfinite(slab)
+        if finite.all():
+            values = slab
+        else:
+            values = slab[finite]
+            if values.size == 0:
+                continue
+        minimum = min(minimum, float(values.min()))
+        maximum = max(maximum, float(values.max()))
+    if minimum > maximum:
+        return math.nan, math.nan
+    return minimum, maximum
+
+
 def check_data_xyzt(data_xyzt):
     """Validate a 4D data array and return it as float32.
+
+    A float32 array, memory-mapped or not, is returned as it is, without a
+    copy. NaN and infinite values are allowed here: they are checked on the
+    foreground voxels only, by :func:`foreground_indices`, because fMRI
+    volumes often hold NaN outside the brain.
 
     Raises
     ------
     InvalidInputError
-        If the array is not 4D, is empty, is not real-valued, holds NaN or
-        infinite values or values beyond the float32 range, or is constant
-        over the whole volume.
+        If the array is not 4D, is empty, is not real-valued, contains finite
+        values beyond the float32 range, contains no finite value, or its
+        finite values are all equal.
     """
     data = _as_array(data_xyzt, "data_xyzt")
     if data.ndim != 4:
@@ -66,23 +115,26 @@ def check_data_xyzt(data_xyzt):
             f"data_xyzt has complex dtype {data.dtype}; pass real values, for example "
             "np.abs(data_xyzt) for magnitudes."
         )
-    n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-    if n_bad:
-        raise InvalidInputError(
-            f"data_xyzt holds {n_bad} NaN or infinite values; replace them first, "
-            "for example with np.nan_to_num(data_xyzt)."
-        )
+    original = data
     with np.errstate(over="ignore"):
         data = data.astype(np.float32, copy=False)
-    n_overflow = int(data.size - np.count_nonzero(np.isfinite(data)))
-    if n_overflow:
+    # Only floating-point types wider than float32 can hold values that
+    # overflow it; every integer type fits.
+    if original.dtype.kind == "f" and original.dtype.itemsize > 4:
+        n_overflow = _count_float32_overflow(original, data)
+        if n_overflow:
+            raise InvalidInputError(
+                f"data_xyzt contains {n_overflow} values beyond the float32 range "
+                "(about 3.4e38); rescale the data first."
+            )
+    minimum, maximum = _finite_range(data)
+    if math.isnan(minimum):
         raise InvalidInputError(
-            f"data_xyzt contains {n_overflow} values beyond the float32 range (about 3.4e38); "
-            "rescale the data first."
+            "data_xyzt contains only NaN or infinite values; check that the right data were given."
         )
-    if float(data.max()) == float(data.min()):
+    if minimum == maximum:
         raise InvalidInputError(
-            f"data_xyzt is constant (every value is {float(data.min())}); GACC needs data "
+            f"data_xyzt is constant (every value is {minimum}); GACC needs data "
             "that vary between voxels."
         )
     return data
@@ -109,20 +161,83 @@ def check_mask(mask, spatial_shape, name="mask"):
     return mask
 
 
+def _scan_voxels(data_xyzt):
+    """Return two (X, Y, Z) arrays: the count of non-finite values and "any value is non-zero"."""
+    spatial_shape = data_xyzt.shape[:3]
+    n_nonfinite = np.zeros(spatial_shape, dtype=np.int32)
+    nonzero = np.zeros(spatial_shape, dtype=bool)
+    for rows in _slabs(data_xyzt):
+        slab = data_xyzt[rows]
+        n_nonfinite[rows] = np.count_nonzero(~np.isfinite(slab), axis=-1)
+        # NaN compares unequal to 0, so non-finite voxels count as non-zero here.
+        nonzero[rows] = np.any(slab != 0, axis=-1)
+    return n_nonfinite, nonzero
+
+
 def foreground_indices(data_xyzt, mask=None):
     """Return the flat indices (C order) of the voxels GACC uses.
 
-    Without a mask, every voxel whose values are not all zero is used, which
-    drops the zero background of skull-stripped or atlas images.
+    With an explicit ``mask``, its voxels are used, and their values must all
+    be finite; values outside the mask are never read. Without a mask, every
+    voxel whose values are all finite and not all zero is used: this drops
+    the zero background of skull-stripped or atlas images and the NaN
+    background of many fMRI volumes, and logs a warning with the number of
+    voxels left out for holding NaN or infinite values.
+
+    Raises
+    ------
+    InvalidInputError
+        If the mask is invalid, a voxel inside an explicit mask contains a NaN
+        or infinite value, or no voxel remains.
     """
     spatial_shape = data_xyzt.shape[:3]
-    if mask is None:
-        mask = np.any(data_xyzt != 0, axis=-1)
-        if not mask.any():
-            raise InvalidInputError("data_xyzt is zero everywhere; there is nothing to cluster.")
-    else:
+    if mask is not None:
         mask = check_mask(mask, spatial_shape)
+    n_nonfinite, nonzero = _scan_voxels(data_xyzt)
+    finite = n_nonfinite == 0
+
+    if mask is not None:
+        bad = mask & ~finite
+        if bad.any():
+            raise InvalidInputError(
+                f"data_xyzt contains {int(n_nonfinite[bad].sum())} NaN or infinite values in "
+                f"{int(bad.sum())} voxels inside the mask; leave those voxels out of the mask "
+                "(for example mask & np.isfinite(data_xyzt).all(axis=-1)) or replace the "
+                "values (for example with np.nan_to_num(data_xyzt))."
+            )
+        return np.flatnonzero(mask.reshape(-1))
+
+    n_dropped = int(np.count_nonzero(~finite))
+    mask = nonzero & finite
+    if not mask.any():
+        if n_dropped:
+            raise InvalidInputError(
+                f"Every voxel of data_xyzt is zero or contains NaN or infinite values "
+                f"({n_dropped} voxels contain some), so there is nothing to cluster."
+            )
+        raise InvalidInputError("data_xyzt is zero everywhere; there is nothing to cluster.")
+    if n_dropped:
+        logger.warning(
+            "%d voxels contain NaN or infinite values; they are left out of the foreground "
+            "(pass a mask to choose the voxels yourself).", n_dropped,
+        )
     return np.flatnonzero(mask.reshape(-1))
+
+
+def iter_voxels(data_xyzt, flat_indices, chunk_size=None):
+    """Yield (indices, voxels_t) chunks of the voxels at ``flat_indices``.
+
+    ``voxels_t`` has shape (len(indices), T) and the dtype of ``data_xyzt``.
+    The values are gathered by (i, j, k) index, so neither a Fortran-ordered
+    array (as NIfTI files are stored) nor a memory map is copied whole. By
+    default a chunk holds as many voxels as fit in 16 MiB of float64 values.
+    """
+    spatial_shape = data_xyzt.shape[:3]
+    if chunk_size is None:
+        chunk_size = max(1, _VOXEL_CHUNK_BYTES // (8 * data_xyzt.shape[3]))
+    for start in range(0, len(flat_indices), chunk_size):
+        indices = flat_indices[start:start + chunk_size]
+        yield indices, data_xyzt[np.unravel_index(indices, spatial_shape)]
 
 
 def check_cluster_xyzp(cluster_xyzp, spatial_shape, num_clusters, known_mask=None):
@@ -172,7 +287,7 @@ def check_cluster_xyzp(cluster_xyzp, spatial_shape, num_clusters, known_mask=Non
                 f"{clusters.shape}; they must match."
             )
         known &= known_mask.astype(bool)
-    values = np.where(known, clusters, 0.0).astype(np.float32)
+    values = np.where(known, clusters, np.float32(0.0)).astype(np.float32, copy=False)
     if values.min() < 0 or values.max() > 1:
         raise InvalidInputError(
             f"cluster_xyzp values must lie in [0, 1] (1 inside, 0 outside, NaN unknown); "
@@ -217,14 +332,31 @@ class MinMaxScaling:
 
     def fit(self, voxels_t):
         """Learn the per-feature minimum and maximum of (n_voxels, T) values."""
-        self.data_min_ = voxels_t.min(axis=0).astype(np.float32)
-        self.data_max_ = voxels_t.max(axis=0).astype(np.float32)
+        return self.fit_chunks([voxels_t])
+
+    def fit_chunks(self, chunks):
+        """Learn the per-feature minimum and maximum over (n_voxels, T) chunks of voxels.
+
+        Equivalent to :meth:`fit` on the chunks stacked, without stacking them.
+        """
+        data_min = data_max = None
+        for voxels_t in chunks:
+            chunk_min = voxels_t.min(axis=0).astype(np.float32)
+            chunk_max = voxels_t.max(axis=0).astype(np.float32)
+            if data_min is None:
+                data_min, data_max = chunk_min, chunk_max
+            else:
+                data_min = np.minimum(data_min, chunk_min)
+                data_max = np.maximum(data_max, chunk_max)
+        if data_min is None:
+            raise InvalidInputError("MinMaxScaling needs at least one voxel to fit.")
+        self.data_min_, self.data_max_ = data_min, data_max
         n_constant = int(np.sum(self.data_max_ == self.data_min_))
         if n_constant:
             logger.warning(
                 "%d of %d features are constant over the foreground; they carry no "
                 "information and are scaled to the bottom of the range.",
-                n_constant, voxels_t.shape[1],
+                n_constant, len(self.data_min_),
             )
         return self
 
