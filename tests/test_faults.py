@@ -184,3 +184,205 @@ def test_predict_makes_no_copy_of_data(monkeypatch):
     output_bytes = 4 * n_voxels * K
     peak = _peak_bytes(model.predict, data)
     assert peak < tokens_bytes + output_bytes + 0.5 * data.nbytes
+
+
+# ----------------------------------------------------------------------
+# Non-finite predictions
+
+
+@pytest.fixture
+def fitted(volume):
+    data, clusters = volume
+    return _fit(data, clusters, steps=3)
+
+
+def test_predict_nan_weights_raise(fitted, volume):
+    data, _ = volume
+    with torch.no_grad():
+        next(fitted.networks_.generator.parameters())[0] = np.nan
+    with pytest.raises(gacc.NonFiniteLossError,
+                       match=r"memberships of \d+ voxels are NaN or infinite because the "
+                             r"generator's weights contain NaN"):
+        fitted.predict(data)
+
+
+def test_predict_network_overflow_raises(fitted, volume, monkeypatch):
+    data, _ = volume
+    generator = fitted.networks_.generator
+    forward = generator.forward
+
+    def overflowing_forward(tokens):
+        logits = forward(tokens)
+        logits[0, 0, 0] = np.nan
+        return logits
+
+    monkeypatch.setattr(generator, "forward", overflowing_forward)
+    with pytest.raises(gacc.NonFiniteLossError, match="network overflowed on these data"):
+        fitted.predict(data)
+
+
+def test_predict_far_outside_fitted_range(volume):
+    data, clusters = volume
+    model = _fit(data * np.float32(1e-30), clusters, steps=1)
+    with pytest.raises(gacc.InvalidInputError,
+                       match=r"overflows float32 in 720 voxels: .* Give data on the fitted scale"):
+        model.predict(data * np.float32(1e10))
+
+
+# ----------------------------------------------------------------------
+# Running out of memory
+
+
+def _cuda_out_of_memory():
+    return torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8 GiB"
+    )
+
+
+def _failing_steps(monkeypatch, should_fail):
+    """Patch the training step to raise when ``should_fail(batch_size)``; return the sizes seen."""
+    original = gacc.training.TrainingStep.__call__
+    sizes = []
+
+    def step(self, batch, step_number, generator):
+        size = batch.tokens.shape[0]
+        sizes.append(size)
+        error = should_fail(size, len(sizes))
+        if error is not None:
+            raise error
+        return original(self, batch, step_number, generator)
+
+    monkeypatch.setattr(gacc.training.TrainingStep, "__call__", step)
+    return sizes
+
+
+def test_training_oom_halves_batch(volume, monkeypatch, caplog):
+    data, clusters = volume
+    sizes = _failing_steps(
+        monkeypatch, lambda size, call: _cuda_out_of_memory() if call == 2 else None
+    )
+    with caplog.at_level(logging.WARNING, logger="gacc.estimator"):
+        model = _fit(data, clusters, steps=4)
+    assert sizes == [8, 8, 4, 4, 4]
+    assert model.n_steps_ == 4
+    assert all(len(values) == 4 for values in model.history_.values())
+    assert "retrying the step with 4 sets per batch" in caplog.text
+    assert "batch_size=4" in caplog.text
+
+
+def test_training_oom_resets_next_fit(volume, monkeypatch):
+    data, clusters = volume
+    sizes = _failing_steps(
+        monkeypatch, lambda size, call: _cuda_out_of_memory() if call == 1 else None
+    )
+    model = _fit(data, clusters, steps=2)
+    model.fit(data, clusters, num_batches=1, epochs=1, warm_start=True)
+    assert sizes == [8, 4, 4, 8]
+
+
+def test_mps_oom_message_halves_batch(volume, monkeypatch):
+    data, clusters = volume
+    mps_error = RuntimeError(
+        "MPS backend out of memory (MPS allocated: 9.00 GB, other allocations: 1.00 MB, "
+        "max allowed: 9.07 GB). Tried to allocate 256.00 MB on private pool."
+    )
+    sizes = _failing_steps(monkeypatch, lambda size, call: mps_error if size > 2 else None)
+    model = _fit(data, clusters, steps=2)
+    assert sizes == [8, 4, 2, 2]
+    assert model.n_steps_ == 2
+
+
+def test_training_oom_at_one_set_raises(volume, monkeypatch):
+    data, clusters = volume
+    sizes = _failing_steps(monkeypatch, lambda size, call: _cuda_out_of_memory())
+    model = _model()
+    with pytest.raises(MemoryError, match=r"batch_size=8 was halved down to 1\): CUDA out of "
+                                          r"memory\. Lower set_size") as raised:
+        model.fit(data, clusters, num_batches=3, epochs=1)
+    assert sizes == [8, 4, 2, 1]
+    assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)
+    assert model.n_steps_ == 0
+
+
+def test_other_runtime_error_not_retried(volume, monkeypatch):
+    data, clusters = volume
+    sizes = _failing_steps(monkeypatch, lambda size, call: RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        _model().fit(data, clusters, num_batches=2, epochs=1)
+    assert sizes == [8]
+
+
+@pytest.mark.parametrize(
+    "interruption, raised",
+    [(_cuda_out_of_memory(), MemoryError), (KeyboardInterrupt(), KeyboardInterrupt)],
+    ids=["out-of-memory", "keyboard-interrupt"],
+)
+def test_failed_update_restores_step_start(fitted, volume, monkeypatch, interruption, raised):
+    # The discriminator and both predictors are updated before the generator,
+    # so failing at the generator's update leaves three networks changed.
+    data, clusters = volume
+    before = {name: value.clone() for name, value in fitted.networks_.state_dict().items()}
+    original = gacc.training.TrainingStep._update
+
+    def update(self, name, loss, step):
+        if name == "generator":
+            raise interruption
+        return original(self, name, loss, step)
+
+    monkeypatch.setattr(gacc.training.TrainingStep, "_update", update)
+    with pytest.raises(raised):
+        fitted.fit(data, clusters, num_batches=1, epochs=1, warm_start=True)
+    after = fitted.networks_.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert fitted.n_steps_ == 3
+
+
+def test_release_cached_memory_empties_cuda_cache(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("cuda"))
+    gacc.training.release_cached_memory(torch.device("cuda", 0))
+    gacc.training.release_cached_memory(torch.device("cpu"))
+    assert calls == ["cuda"]
+
+
+def _failing_forward(monkeypatch, model, should_fail):
+    """Patch the generator's forward pass to raise when ``should_fail(n_sets)``."""
+    generator = model.networks_.generator
+    forward = generator.forward
+    sizes = []
+
+    def patched(tokens):
+        sizes.append(tokens.shape[0])
+        error = should_fail(tokens.shape[0])
+        if error is not None:
+            raise error
+        return forward(tokens)
+
+    monkeypatch.setattr(generator, "forward", patched)
+    return sizes
+
+
+def test_predict_oom_halves_chunk(volume, monkeypatch, caplog):
+    data, clusters = volume
+    model = _fit(data, clusters, steps=2, params={"prediction_batch_size": 64})
+    expected = model.predict(data)
+    sizes = _failing_forward(
+        monkeypatch, model, lambda n_sets: _cuda_out_of_memory() if n_sets > 16 else None
+    )
+    with caplog.at_level(logging.WARNING, logger="gacc.estimator"):
+        proba = model.predict(data)
+    np.testing.assert_allclose(proba, expected, rtol=0, atol=1e-6)
+    assert sizes[:3] == [64, 32, 16]
+    assert max(sizes[3:]) == 16
+    assert "retrying with 32 sets per forward pass" in caplog.text
+    assert "retrying with 16 sets per forward pass" in caplog.text
+    assert model.prediction_batch_size == 64
+
+
+def test_predict_oom_at_one_set_raises(fitted, volume, monkeypatch):
+    data, _ = volume
+    fitted.prediction_batch_size = 4
+    sizes = _failing_forward(monkeypatch, fitted, lambda n_sets: _cuda_out_of_memory())
+    with pytest.raises(MemoryError, match=r"prediction_batch_size=4 was halved down to 1"):
+        fitted.predict(data)
+    assert sizes == [4, 2, 1]

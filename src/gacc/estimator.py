@@ -22,7 +22,14 @@ from .preprocessing import (
     positional_encoding,
 )
 from .sampling import draw_local_training_sets, draw_training_sets, prediction_sets
-from .training import Batch, GACCNetworks, LossWeights, TrainingStep
+from .training import (
+    Batch,
+    GACCNetworks,
+    LossWeights,
+    TrainingStep,
+    is_out_of_memory,
+    release_cached_memory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +43,12 @@ MAX_POSITIVE_WEIGHT = 50.0
 def _is_real(value):
     """Whether ``value`` is a real number (numpy scalars included), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _first_sentence(error):
+    """Return the first sentence of an error message, without its final period."""
+    message = str(error).strip() or type(error).__name__
+    return message.splitlines()[0].split(". ")[0].rstrip(".")
 
 
 class GACC(BaseEstimator):
@@ -279,13 +292,24 @@ class GACC(BaseEstimator):
         n_position = 6 * self.num_frequencies
         tokens = np.empty((len(flat_indices), n_features + n_position), dtype=np.float32)
         start = 0
+        n_overflow = 0
         for indices, voxels in iter_voxels(data, flat_indices):
             stop = start + len(indices)
-            tokens[start:stop, :n_features] = self.scaling_.transform(voxels)
+            scaled = self.scaling_.transform(voxels)
+            n_overflow += int(np.count_nonzero(~np.isfinite(scaled).all(axis=1)))
+            tokens[start:stop, :n_features] = scaled
             tokens[start:stop, n_features:] = positional_encoding(
                 indices, self.spatial_shape_, self.num_frequencies
             )
             start = stop
+        if n_overflow:
+            low, high = self.scaling_.data_min_.min(), self.scaling_.data_max_.max()
+            raise InvalidInputError(
+                f"Scaling data_xyzt with the minimum and maximum learned in fit (values from "
+                f"{low:g} to {high:g}) overflows float32 in {n_overflow} voxels: their values "
+                "lie far outside the range the model was fitted on. Give data on the fitted "
+                "scale, or fit a new model."
+            )
         return tokens
 
     # ------------------------------------------------------------------
@@ -379,6 +403,7 @@ class GACC(BaseEstimator):
             )
 
         continuing = warm_start and hasattr(self, "networks_")
+        self._train_batch_size = self.batch_size
         if continuing:
             self._check_fitted_shape(data)
             if values.shape[3] != self.n_known_clusters_:
@@ -482,12 +507,13 @@ class GACC(BaseEstimator):
     def _sample_batch(self, tensors):
         if self.set_sampling == "local":
             positions = draw_local_training_sets(
-                tensors["ijk"], self.batch_size, self.set_size, self.window_size,
+                tensors["ijk"], self._train_batch_size, self.set_size, self.window_size,
                 self._sampling_generator,
             )
         else:
             positions = draw_training_sets(
-                len(tensors["tokens"]), self.batch_size, self.set_size, self._sampling_generator
+                len(tensors["tokens"]), self._train_batch_size, self.set_size,
+                self._sampling_generator,
             )
         positions = positions.to(self.device_)  # (B, N)
         tokens = tensors["tokens"][positions]  # (B, N, T + E)
@@ -509,7 +535,7 @@ class GACC(BaseEstimator):
                 self._forget_last_step()
             raise
         except Exception as error:  # noqa: BLE001 - only to fall back from torch.compile
-            if not self._trainer.compiled:
+            if not self._trainer.compiled or is_out_of_memory(error):
                 raise
             logger.warning(
                 "torch.compile failed (%s: %s); continuing in eager mode.",
@@ -517,6 +543,39 @@ class GACC(BaseEstimator):
             )
             self._trainer.disable_compile()
             return self._trainer(batch, self.n_steps_ + 1, self._mask_generator)
+
+    def _train_step(self, tensors):
+        """Sample a batch and train on it, halving the batch after out-of-memory errors."""
+        while True:
+            try:
+                return self._run_step(self._sample_batch(tensors))
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
+                failure = error
+            # Outside the except clause and after dropping the error, whose
+            # traceback references the failed step's tensors, so they are freed.
+            self._halve_batch(failure)
+            del failure
+            release_cached_memory(self.device_)
+
+    def _halve_batch(self, error):
+        """Halve the training batch after ``error``, or raise MemoryError at one set."""
+        summary = _first_sentence(error)
+        if self._train_batch_size == 1:
+            on_cpu = "" if self.device_.type == "cpu" else ", or train on device='cpu'"
+            raise MemoryError(
+                f"Training ran out of memory on {self.device_} even with one set per step "
+                f"(batch_size={self.batch_size} was halved down to 1): {summary}. Lower "
+                f"set_size, hidden_size or num_clusters, free memory used by other "
+                f"programs{on_cpu}."
+            ) from error
+        self._train_batch_size //= 2
+        logger.warning(
+            "Out of memory on %s (%s); retrying the step with %d sets per batch. Pass "
+            "batch_size=%d to start with that size.",
+            self.device_, summary, self._train_batch_size, self._train_batch_size,
+        )
 
     def _record(self, losses):
         for name in losses.keys() - self.history_.keys():
@@ -544,7 +603,7 @@ class GACC(BaseEstimator):
                     if self.stop_training or (stop_event is not None and stop_event.is_set()):
                         logger.info("Training stopped on request after %d steps", completed)
                         return
-                    losses = self._run_step(self._sample_batch(tensors))
+                    losses = self._train_step(tensors)
                     self._record(losses)
                     completed += 1
                     step_logs = {
@@ -574,17 +633,38 @@ class GACC(BaseEstimator):
         the training sets, and its memberships are averaged over them. The
         result is deterministic for a given model and input.
 
+        Memory: a float32 ``data_xyzt``, memory-mapped or not, is read in
+        place. On top of it, predict allocates about 4 * n_voxels * (T + 6 *
+        num_frequencies + 2 * K) bytes of tokens and sums, the (X, Y, Z, K)
+        float32 result, and one forward pass of ``prediction_batch_size``
+        sets at a time. A pass that runs out of device memory is retried
+        with half as many sets.
+
         Parameters
         ----------
         data_xyzt : ndarray of shape (X, Y, Z, T)
-            On the fitted grid, with the fitted features.
+            On the fitted grid, with the fitted features. NaN and infinite
+            values are allowed outside ``mask``.
         mask : ndarray of bool of shape (X, Y, Z), optional
-            Foreground; default: the voxels whose data are not all zero.
+            Foreground; default: the voxels whose data are finite and not
+            all zero.
 
         Returns
         -------
         ndarray of shape (X, Y, Z, K), float32
             Memberships in [0, 1]; 0 outside the foreground.
+
+        Raises
+        ------
+        InvalidInputError
+            For data of another shape, NaN or infinite values inside
+            ``mask``, or values so far outside the fitted range that scaling
+            overflows.
+        NonFiniteLossError
+            If memberships come out NaN or infinite, which happens only when
+            the model's weights are not finite or the network overflows.
+        MemoryError
+            If a forward pass of a single set runs out of memory.
         """
         check_is_fitted(self, "networks_")
         data = check_data_xyzt(data_xyzt)
@@ -608,24 +688,78 @@ class GACC(BaseEstimator):
         n_voxels = len(tokens)
         total = torch.zeros(n_voxels, self.num_clusters, device=self.device_)
         seed = 0 if self.random_state is None else int(self.random_state)
-        generator = self.networks_.generator
         self.networks_.eval()
-        with torch.inference_mode():
-            window = self.window_size if self.set_sampling == "local" else None
-            for sets, counted in prediction_sets(n_voxels, self.set_size,
-                                                 self.prediction_repeats, seed, ijk=ijk,
-                                                 window=window):
-                for start in range(0, len(sets), self.prediction_batch_size):
-                    chunk = torch.from_numpy(sets[start:start + self.prediction_batch_size])
-                    chunk = chunk.to(self.device_)
-                    weight = torch.from_numpy(counted[start:start + self.prediction_batch_size])
-                    weight = weight.to(self.device_, torch.float32)
-                    probabilities = torch.sigmoid(generator(tokens[chunk]))  # (S, N, K)
-                    probabilities = probabilities * weight.unsqueeze(-1)
-                    total.index_add_(
-                        0, chunk.reshape(-1), probabilities.reshape(-1, self.num_clusters)
-                    )
+        chunk_size = self.prediction_batch_size
+        window = self.window_size if self.set_sampling == "local" else None
+        for sets, counted in prediction_sets(n_voxels, self.set_size, self.prediction_repeats,
+                                             seed, ijk=ijk, window=window):
+            start = 0
+            while start < len(sets):
+                stop = start + chunk_size
+                try:
+                    self._add_memberships(total, tokens, sets[start:stop], counted[start:stop])
+                except RuntimeError as error:
+                    if not is_out_of_memory(error):
+                        raise
+                    failure = error
+                else:
+                    start = stop
+                    continue
+                chunk_size = self._halve_prediction_chunk(chunk_size, failure)
+                del failure
+                release_cached_memory(self.device_)
+        self._check_finite_memberships(total)
         return (total / self.prediction_repeats).clamp_(0.0, 1.0).cpu().numpy()
+
+    def _add_memberships(self, total, tokens, sets, counted):
+        """Add the memberships predicted for ``sets`` (S, N) into ``total`` (n_voxels, K)."""
+        with torch.inference_mode():
+            chunk = torch.from_numpy(sets).to(self.device_)
+            weight = torch.from_numpy(counted).to(self.device_, torch.float32)
+            probabilities = torch.sigmoid(self.networks_.generator(tokens[chunk]))  # (S, N, K)
+            probabilities = probabilities * weight.unsqueeze(-1)
+            total.index_add_(0, chunk.reshape(-1), probabilities.reshape(-1, self.num_clusters))
+
+    def _halve_prediction_chunk(self, chunk_size, error):
+        """Return half of ``chunk_size`` after ``error``, or raise MemoryError at one set."""
+        summary = _first_sentence(error)
+        if chunk_size == 1:
+            on_cpu = (
+                "" if self.device_.type == "cpu"
+                else ", or predict on the CPU (GACC.load(path, device='cpu'))"
+            )
+            raise MemoryError(
+                f"Prediction ran out of memory on {self.device_} even with one set per forward "
+                f"pass (prediction_batch_size={self.prediction_batch_size} was halved down to "
+                f"1): {summary}. Free memory used by other programs{on_cpu}."
+            ) from error
+        logger.warning(
+            "Out of memory on %s (%s); retrying with %d sets per forward pass. Set "
+            "prediction_batch_size=%d to start with that size.",
+            self.device_, summary, chunk_size // 2, chunk_size // 2,
+        )
+        return chunk_size // 2
+
+    def _check_finite_memberships(self, total):
+        n_bad = int(torch.count_nonzero(~torch.isfinite(total).all(dim=1)))
+        if not n_bad:
+            return
+        weights = self.networks_.generator.state_dict().values()
+        weights_finite = all(bool(torch.isfinite(value).all()) for value in weights)
+        if weights_finite:
+            reason = (
+                "the network overflowed on these data. Check data_xyzt for values far outside "
+                "the range of the data the model was fitted on, or retrain the model with lower "
+                "learning rates."
+            )
+        else:
+            reason = (
+                "the generator's weights contain NaN or infinite values, so the model is "
+                "damaged. Retrain it, or load another model file."
+            )
+        raise NonFiniteLossError(
+            f"The predicted memberships of {n_bad} voxels are NaN or infinite because {reason}"
+        )
 
     # ------------------------------------------------------------------
     # Saving and loading

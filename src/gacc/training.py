@@ -4,6 +4,7 @@ Shapes: B sets, N voxels per set, T data features, E positional features,
 F = T + E token features, K generated clusters, P known clusters.
 """
 
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -22,11 +23,44 @@ from .networks import ClusterToEntityPredictor, Discriminator, EntityToClusterPr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Batch", "GACCNetworks", "LossWeights", "TrainingStep"]
+__all__ = [
+    "Batch",
+    "GACCNetworks",
+    "LossWeights",
+    "TrainingStep",
+    "is_out_of_memory",
+    "release_cached_memory",
+]
 
 # Gradients are clipped to this global norm per network, which keeps a rare
 # large batch from throwing the weights far off.
 MAX_GRADIENT_NORM = 1.0
+
+# Starts of the messages of allocation failures that PyTorch raises as a
+# plain RuntimeError rather than torch.OutOfMemoryError: the Apple MPS
+# allocator and the CPU allocator.
+_OUT_OF_MEMORY_MESSAGES = (
+    "MPS backend out of memory",
+    "DefaultCPUAllocator: can't allocate memory",
+)
+
+
+def is_out_of_memory(error):
+    """Return whether ``error`` is an allocation failure on a CUDA or MPS device or the CPU."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(
+        message in str(error) for message in _OUT_OF_MEMORY_MESSAGES
+    )
+
+
+def release_cached_memory(device):
+    """Free unreferenced tensors and hand the allocator's cached blocks back to ``device``."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 @dataclass(frozen=True)
@@ -238,6 +272,11 @@ class TrainingStep:
             previous step's update caused it, so the state at the start of
             the previous step is restored and the error's
             ``rolled_back_steps`` is 1 (0 otherwise).
+
+        Any other error or interruption during the updates, such as running
+        out of memory or KeyboardInterrupt, also restores the state at the
+        start of this step before it propagates. The step can then be
+        retried, and the weights always match a whole number of steps.
         """
         logits = self.generator(batch.tokens)  # (B, N, K)
         if not torch.isfinite(logits).all():
@@ -260,6 +299,11 @@ class TrainingStep:
         except NonFiniteLossError as error:
             self._restore(start_state)
             error.rolled_back_steps = 0
+            raise
+        except BaseException:
+            # Some networks may have been updated already.
+            del logits
+            self._restore(start_state)
             raise
         self._previous_state = start_state
         return logged
