@@ -88,9 +88,8 @@ def test_no_temporary_files(fitted, saved, tmp_path):
 def test_failed_save_keeps_old_file(fitted, saved, tmp_path, monkeypatch):
     before = saved.read_bytes()
 
-    def broken_save(payload, path):
-        with open(path, "wb") as stream:
-            stream.write(b"partial")
+    def broken_save(payload, stream):
+        stream.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint.torch, "save", broken_save)

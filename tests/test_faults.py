@@ -1,7 +1,12 @@
 """Faults in the engine: non-finite values, memory use, out-of-memory errors and failed saves."""
 
+import errno
 import logging
+import os
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -386,3 +391,102 @@ def test_predict_oom_at_one_set_raises(fitted, volume, monkeypatch):
     with pytest.raises(MemoryError, match=r"prediction_batch_size=4 was halved down to 1"):
         fitted.predict(data)
     assert sizes == [4, 2, 1]
+
+
+# ----------------------------------------------------------------------
+# Failed saves: full disks and folders without write permission
+
+
+def _no_space():
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_model_save_disk_full(fitted, tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    fitted.save(path)
+    before = path.read_bytes()
+
+    def full_disk_fsync(descriptor):
+        raise _no_space()
+
+    # The temporary file already holds the whole model when the sync fails.
+    monkeypatch.setattr(gacc.checkpoint.os, "fsync", full_disk_fsync)
+    with pytest.raises(OSError, match=r"Cannot write '.*model\.pt': No space left on device\. "
+                                      r"Free disk space") as raised:
+        fitted.save(path)
+    assert raised.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["model.pt"]
+
+
+def test_model_save_unwritable_folder(fitted, tmp_path, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".model.pt.x"))
+
+    monkeypatch.setattr(gacc._atomic.tempfile, "mkstemp", denied)
+    with pytest.raises(PermissionError, match=r"Cannot write '.*model\.pt': Permission denied\. "
+                                              r"Choose a folder you can write to"):
+        fitted.save(tmp_path / "model.pt")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["proba.nii", "proba.nii.gz"])
+def test_nifti_save_disk_full(tmp_path, monkeypatch, name):
+    nib = pytest.importorskip("nibabel")
+    reference = nib.Nifti1Image(np.zeros(SPATIAL_SHAPE + (2,), np.float32), np.eye(4))
+    path = tmp_path / name
+    gacc.nifti.save_img(np.ones(SPATIAL_SHAPE + (3,), np.float32), reference, path)
+    before = path.read_bytes()
+    original_save = nib.save
+
+    def partial_save(image, filename):
+        original_save(image, filename)
+        with open(filename, "r+b") as stream:
+            stream.truncate(100)
+        raise _no_space()
+
+    monkeypatch.setattr(gacc.nifti.nib, "save", partial_save)
+    with pytest.raises(OSError, match=rf"Cannot write '.*{name}': No space left on device"):
+        gacc.nifti.save_img(np.zeros(SPATIAL_SHAPE + (3,), np.float32), reference, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == [name]
+
+
+# Run in a child process, because the file size limit applies to the whole
+# process: the kernel itself then fails the writes, with EFBIG.
+_SIZE_LIMITED_SAVES = """
+import os, resource, signal, sys
+import numpy as np, nibabel as nib
+sys.path.insert(0, {tests!r})
+import gacc
+from engine_fixtures import TINY_PARAMS, make_volume
+
+data, clusters = make_volume()
+model = gacc.GACC(**TINY_PARAMS).fit(data, clusters, num_batches=1, epochs=1)
+reference = nib.Nifti1Image(data, np.eye(4))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+for save in (lambda: model.save("model.pt"),
+             lambda: gacc.nifti.save_img(data, reference, "data.nii")):
+    try:
+        save()
+    except OSError as error:
+        print(type(error).__name__, error.errno, error)
+print(sorted(os.listdir(".")))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin",
+                    reason="RLIMIT_FSIZE with SIGXFSZ ignored is a Linux behaviour")
+def test_kernel_write_failure_leaves_nothing(tmp_path):
+    script = _SIZE_LIMITED_SAVES.format(tests=str(Path(__file__).parent))
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"OSError {errno.EFBIG} ")
+    assert "Cannot write 'model.pt': File too large. Free disk space" in lines[0]
+    assert lines[1].startswith(f"OSError {errno.EFBIG} ")
+    assert "Cannot write 'data.nii'" in lines[1]
+    assert lines[2] == "[]"

@@ -7,7 +7,10 @@ generator states, the scaling statistics, the fitted shapes, the loss
 history, the format version and the package version.
 """
 
+import errno
+import io
 import logging
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -76,8 +79,50 @@ def save_model(model, path):
             "masks_device": model._mask_generator.device.type,
         },
     }
-    with atomic_path(path) as tmp_path:
-        torch.save(payload, tmp_path)
+    # Serialised in memory first, because torch.save reports a failed write
+    # (a full disk, for example) as a bare RuntimeError without the cause.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(path, buffer.getbuffer())
+
+
+def write_bytes_atomic(path, data):
+    """Write ``data`` to ``path`` through a temporary file, synced to disk before the rename.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder of ``path`` does not exist.
+    OSError
+        Of the same type and errno as the failure, with a message that names
+        ``path`` and the fix, if writing fails (a full disk or a folder
+        without write permission, for example). ``path`` is left as it was.
+    """
+    try:
+        with atomic_path(path) as tmp_path, open(tmp_path, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise write_error(path, error) from error
+
+
+# errno values of failed writes that more free space fixes.
+_NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+
+
+def write_error(path, error):
+    """Return an OSError like ``error`` whose message names ``path`` and the fix."""
+    reason = error.strerror or str(error)
+    if error.errno in _NO_SPACE_ERRNOS:
+        fix = "Free disk space, or write to another disk."
+    elif isinstance(error, PermissionError) or error.errno == errno.EROFS:
+        fix = "Choose a folder you can write to."
+    else:
+        fix = "Check the path and the disk."
+    return type(error)(error.errno, f"Cannot write {str(path)!r}: {reason}. {fix}")
 
 
 def _read_payload(path):

@@ -22,6 +22,7 @@ import numpy as np
 from nibabel.arrayproxy import ArrayProxy
 
 from gacc._atomic import atomic_path
+from gacc.checkpoint import write_error
 from gacc.exceptions import InvalidInputError
 
 __all__ = [
@@ -1007,6 +1008,10 @@ def save_img(array, reference_img, path):
     InvalidInputError
         If the name does not end in .nii or .nii.gz, or the array does not
         fit the reference grid.
+    OSError
+        If writing fails, for example on a full disk or in a folder without
+        write permission; the message names ``path`` and the fix, and
+        ``path`` is left as it was.
     """
     path = Path(path).expanduser()
     if not _has_nifti_suffix(path):
@@ -1014,8 +1019,13 @@ def save_img(array, reference_img, path):
             f"Output path {str(path)!r} must end in .nii or .nii.gz."
         )
     image = to_img(array, reference_img)
-    with atomic_path(path) as tmp_path:
-        nib.save(image, tmp_path)
+    try:
+        with atomic_path(path) as tmp_path:
+            nib.save(image, tmp_path)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise write_error(path, error) from error
     logger.info("Wrote %s, shape %s.", path, image.shape)
     return path
 
