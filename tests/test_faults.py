@@ -490,3 +490,70 @@ def test_kernel_write_failure_leaves_nothing(tmp_path):
     assert lines[1].startswith(f"OSError {errno.EFBIG} ")
     assert "Cannot write 'data.nii'" in lines[1]
     assert lines[2] == "[]"
+
+
+# ----------------------------------------------------------------------
+# Damaged model files
+
+
+def _edit_model_file(path, change):
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+
+
+def _drop_param_group_entry(payload):
+    payload["optimizers"]["generator"]["param_groups"][0]["params"].pop()
+
+
+def _wrong_moment_shape(payload):
+    state = payload["optimizers"]["discriminator"]["state"]
+    first = next(iter(state))
+    state[first]["exp_avg"] = torch.zeros(3)
+
+
+def _missing_optimizer(payload):
+    del payload["optimizers"]["cx_predictor"]
+
+
+def _optimizers_not_dict(payload):
+    payload["optimizers"] = [1, 2]
+
+
+def _nan_weight(payload):
+    name = next(iter(payload["networks"]))
+    payload["networks"][name][0] = np.nan
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        pytest.param(_drop_param_group_entry, "damaged optimizer state for the generator",
+                     id="param-group-size"),
+        pytest.param(_wrong_moment_shape,
+                     r"optimizer state for the discriminator .*'exp_avg' has shape \(3,\)",
+                     id="moment-shape"),
+        pytest.param(_missing_optimizer, "optimizer states for .*'xc_predictor'\\]",
+                     id="missing-optimizer"),
+        pytest.param(_optimizers_not_dict, "optimizer states for list", id="not-a-dict"),
+        pytest.param(_nan_weight, "NaN or infinite weights in 1 tensors", id="nan-weight"),
+    ],
+)
+def test_damaged_model_state_at_load(fitted, tmp_path, change, message):
+    path = tmp_path / "model.pt"
+    fitted.save(path)
+    _edit_model_file(path, change)
+    with pytest.raises(gacc.ModelFileError, match=message) as raised:
+        gacc.GACC.load(path, device="cpu")
+    assert str(path) in str(raised.value)
+
+
+def test_loaded_optimizer_state_not_shared(fitted, volume, tmp_path):
+    # Validation loads copies, so warm starts still begin from the saved state.
+    data, clusters = volume
+    path = tmp_path / "model.pt"
+    fitted.save(path)
+    loaded = gacc.GACC.load(path, device="cpu")
+    loaded.fit(data, clusters, num_batches=2, epochs=1, warm_start=True)
+    fitted.fit(data, clusters, num_batches=2, epochs=1, warm_start=True)
+    assert loaded.history_ == fitted.history_

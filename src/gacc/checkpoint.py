@@ -181,7 +181,9 @@ def load_model(cls, path, device="auto"):
             num_layers=model.num_layers, column_hidden_size=model.column_hidden_size,
         )
         model.networks_.load_state_dict(payload["networks"])
-        model._optimizer_states = payload.get("optimizers")
+        model._optimizer_states = _checked_optimizer_states(
+            model.networks_, payload.get("optimizers"), path
+        )
         model._sampling_generator = torch.Generator()
         model._sampling_generator.set_state(payload["random_states"]["sampling"])
         model._mask_generator = torch.Generator(device=model.device_)
@@ -197,5 +199,75 @@ def load_model(cls, path, device="auto"):
             f"{str(path)!r} holds a GACC model whose contents do not match its parameters "
             f"(damaged or edited file): {type(error).__name__}: {error}"
         ) from error
+    _check_finite_weights(model.networks_, path)
     model.networks_.to(model.device_).eval()
     return model
+
+
+def _checked_optimizer_states(networks, states, path):
+    """Return ``states`` after loading each into a fresh Adam optimizer of its network.
+
+    This finds a damaged optimizer state at load time, not at the first warm
+    start, where it would surface as a bare ValueError.
+    """
+    if states is None:
+        return None
+    expected = {"generator", "discriminator", "xc_predictor", "cx_predictor"}
+    if not isinstance(states, dict) or set(states) != expected:
+        found = sorted(states) if isinstance(states, dict) else type(states).__name__
+        raise ModelFileError(
+            f"{str(path)!r} contains optimizer states for {found}, but a GACC model has one for "
+            f"each of {sorted(expected)} (damaged or edited file). Retrain the model, or load "
+            "it and fit without warm_start."
+        )
+    for name, state in states.items():
+        module = getattr(networks, name)
+        optimizer = torch.optim.Adam(module.parameters())
+        try:
+            # load_state_dict keeps references to the given tensors, so give it copies.
+            optimizer.load_state_dict(_cpu_copy(state))
+            _check_state_shapes(optimizer)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+            raise ModelFileError(
+                f"{str(path)!r} contains a damaged optimizer state for the {name} "
+                f"({type(error).__name__}: {error}). Retrain the model, or load it and fit "
+                "without warm_start."
+            ) from error
+    return states
+
+
+def _cpu_copy(value):
+    """Copy every tensor in a nested structure of dicts and lists."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(item) for item in value)
+    return value
+
+
+def _check_state_shapes(optimizer):
+    """Raise ValueError if a per-parameter tensor of ``optimizer`` does not match its parameter."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for key, value in optimizer.state.get(parameter, {}).items():
+                if key == "step":
+                    continue
+                if not isinstance(value, torch.Tensor) or value.shape != parameter.shape:
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else value
+                    raise ValueError(
+                        f"state {key!r} has shape {shape} for a parameter of shape "
+                        f"{tuple(parameter.shape)}"
+                    )
+
+
+def _check_finite_weights(networks, path):
+    # Training never keeps non-finite weights, so a file that has them is damaged.
+    bad = [name for name, value in networks.state_dict().items()
+           if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise ModelFileError(
+            f"{str(path)!r} contains NaN or infinite weights in {len(bad)} tensors (first: "
+            f"{bad[0]}), so the file is damaged. Retrain the model, or load another file."
+        )
