@@ -82,6 +82,10 @@ class GACC(BaseEstimator):
         voxels per side, the cubes laid over the volume at a random offset.
     window_size : int, default=5
         Side of the cubes of "local" sampling, in voxels.
+    annotated_fraction : float, default=0.0
+        With "global" sampling, the probability that a training set member is
+        drawn from the voxels with at least one known label rather than from
+        the whole foreground. Sparse annotations get more supervision per step.
     batch_size : int, default=32
         B, sets per training step.
     hidden_size : int, default=64
@@ -156,6 +160,7 @@ class GACC(BaseEstimator):
         set_size=8,
         set_sampling="global",
         window_size=5,
+        annotated_fraction=0.0,
         batch_size=32,
         hidden_size=64,
         column_hidden_size=32,
@@ -182,6 +187,7 @@ class GACC(BaseEstimator):
         self.set_size = set_size
         self.set_sampling = set_sampling
         self.window_size = window_size
+        self.annotated_fraction = annotated_fraction
         self.batch_size = batch_size
         self.hidden_size = hidden_size
         self.column_hidden_size = column_hidden_size
@@ -468,6 +474,7 @@ class GACC(BaseEstimator):
             "targets": torch.from_numpy(known_values).to(device),
             "known": torch.from_numpy(known_entries.astype(np.float32)).to(device),
             "ijk": np.stack(np.unravel_index(flat_indices, self.spatial_shape_), axis=1),
+            "annotated": torch.from_numpy(np.flatnonzero(known_entries.any(axis=1))),
         }
 
     def _build_trainer(self, known_values, known_entries, reuse_optimizers):
@@ -513,7 +520,8 @@ class GACC(BaseEstimator):
         else:
             positions = draw_training_sets(
                 len(tensors["tokens"]), self._train_batch_size, self.set_size,
-                self._sampling_generator,
+                self._sampling_generator, annotated=tensors["annotated"],
+                annotated_fraction=self.annotated_fraction,
             )
         positions = positions.to(self.device_)  # (B, N)
         tokens = tensors["tokens"][positions]  # (B, N, T + E)
@@ -545,14 +553,27 @@ class GACC(BaseEstimator):
             return self._trainer(batch, self.n_steps_ + 1, self._mask_generator)
 
     def _train_step(self, tensors):
-        """Sample a batch and train on it, halving the batch after out-of-memory errors."""
+        """Sample a batch and train on it, halving the batch after out-of-memory errors.
+
+        A step that fails or is interrupted also puts the random generators
+        back to their state at its start, so that a model saved afterwards
+        resumes exactly like an uninterrupted run.
+        """
         while True:
+            random_states = (self._sampling_generator.get_state(),
+                             self._mask_generator.get_state())
             try:
                 return self._run_step(self._sample_batch(tensors))
             except RuntimeError as error:
+                self._sampling_generator.set_state(random_states[0])
+                self._mask_generator.set_state(random_states[1])
                 if not is_out_of_memory(error):
                     raise
                 failure = error
+            except BaseException:
+                self._sampling_generator.set_state(random_states[0])
+                self._mask_generator.set_state(random_states[1])
+                raise
             # Outside the except clause and after dropping the error, whose
             # traceback references the failed step's tensors, so they are freed.
             self._halve_batch(failure)
