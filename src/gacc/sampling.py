@@ -14,7 +14,8 @@ import torch
 __all__ = ["draw_local_training_sets", "draw_training_sets", "local_partition", "prediction_sets"]
 
 
-def draw_training_sets(n_voxels, n_sets, set_size, generator):
+def draw_training_sets(n_voxels, n_sets, set_size, generator, *, annotated=None,
+                       annotated_fraction=0.0):
     """Draw sets of distinct voxel positions for one training step.
 
     Parameters
@@ -27,6 +28,11 @@ def draw_training_sets(n_voxels, n_sets, set_size, generator):
         N, voxels per set; at most ``n_voxels``.
     generator : torch.Generator
         Source of randomness (on the CPU), for repeatable runs.
+    annotated : LongTensor of shape (n_annotated,), optional
+        Positions of the voxels with at least one known label.
+    annotated_fraction : float, default=0.0
+        Probability that a set member is drawn from ``annotated`` instead of
+        from the whole foreground.
 
     Returns
     -------
@@ -39,16 +45,22 @@ def draw_training_sets(n_voxels, n_sets, set_size, generator):
     if n_voxels <= 4 * set_size:
         noise = torch.rand(n_sets, n_voxels, generator=generator)
         return noise.argsort(dim=1)[:, :set_size]
-    sets = torch.randint(n_voxels, (n_sets, set_size), generator=generator)
+
+    def draw(count):
+        sets = torch.randint(n_voxels, (count, set_size), generator=generator)
+        if annotated is not None and annotated_fraction > 0 and len(annotated):
+            from_annotated = torch.rand(count, set_size, generator=generator) < annotated_fraction
+            picks = torch.randint(len(annotated), (count, set_size), generator=generator)
+            sets = torch.where(from_annotated, annotated[picks], sets)
+        return sets
+
+    sets = draw(n_sets)
     for _ in range(100):
         sorted_sets, _ = sets.sort(dim=1)
         duplicated = (sorted_sets[:, 1:] == sorted_sets[:, :-1]).any(dim=1)
         if not duplicated.any():
             break
-        redraw = torch.randint(
-            n_voxels, (int(duplicated.sum()), set_size), generator=generator
-        )
-        sets[duplicated] = redraw
+        sets[duplicated] = draw(int(duplicated.sum()))
     return sets
 
 
