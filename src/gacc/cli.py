@@ -13,13 +13,17 @@ from .exceptions import InvalidInputError, ModelFileError, NonFiniteLossError
 
 logger = logging.getLogger("gacc")
 
-# Errors a user can cause with their input; they end the command with one line
-# on standard error and exit status 1. Anything else is a bug and keeps its
-# traceback.
+# Errors a user can cause with their input, files or machine; they end the
+# command with one line on standard error and exit status 1. OSError covers
+# missing files, full disks and folders without write permission. Anything
+# else is a bug and keeps its traceback.
 USER_ERRORS = (
-    InvalidInputError, ModelFileError, NonFiniteLossError, FileNotFoundError,
-    IsADirectoryError, NotADirectoryError, PermissionError, ValueError, ModuleNotFoundError,
+    InvalidInputError, ModelFileError, NonFiniteLossError, OSError, ValueError,
+    ModuleNotFoundError, MemoryError,
 )
+# Exit status of a command stopped with Ctrl+C, as shells report SIGINT.
+INTERRUPTED_STATUS = 130
+DEFAULT_CHECKPOINT_EVERY = 100
 
 
 def _positive_int(text):
@@ -69,6 +73,19 @@ def _add_training_options(parser, *, default_clusters):
                        help="compile the networks with torch.compile (run_eagerly=False)")
     _add_device_options(group)
 
+    network = parser.add_argument_group("network size")
+    for option, default, meaning in (
+        ("--hidden-size", 64, "width of the generator's transformer"),
+        ("--column-hidden-size", 32, "width of the discriminator and the cooperative predictors"),
+        ("--num-heads", 4, "attention heads; must divide both widths"),
+        ("--num-layers", 2, "transformer blocks of the generator"),
+        ("--prediction-repeats", 8, "random sets each voxel is predicted in, averaged"),
+        ("--prediction-batch-size", 4096, "sets per forward pass at prediction; halved "
+                                          "automatically when the device runs out of memory"),
+    ):
+        network.add_argument(option, type=_positive_int, default=default,
+                             help=f"{meaning} (default: %(default)s)")
+
 
 def _add_device_options(group):
     group.add_argument("--device", default="auto",
@@ -79,6 +96,15 @@ def _add_device_options(group):
                             "(default: %(default)s)")
 
 
+def _add_output_options(parser, *, with_defaults):
+    parser.add_argument("-v", "--verbose", action="count",
+                        default=0 if with_defaults else argparse.SUPPRESS,
+                        help="log more (-v: info, -vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        default=False if with_defaults else argparse.SUPPRESS,
+                        help="show no progress bar and log only errors")
+
+
 def build_parser():
     """Build the ``gacc`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -87,14 +113,15 @@ def build_parser():
                     "(fMRI runs or stacks of brain maps) with partly known clusters.",
     )
     parser.add_argument("--version", action="version", version=f"gacc {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log more (-v: info, -vv: debug)")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="show no progress bar and log only errors")
+    _add_output_options(parser, with_defaults=True)
+    # The same options after the command name, as in "gacc fit ... -q"; there
+    # they have no default, so that they do not reset a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_output_options(common, with_defaults=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser(
-        "demo", help="fit and evaluate GACC on the real atlas demo case",
+        "demo", parents=[common], help="fit and evaluate GACC on the real atlas demo case",
         description="Build (or reuse) the demo case: probabilistic Juelich maps as data and "
                     "Harvard-Oxford regions as clusters on a 3 mm MNI grid. Keep each "
                     "cluster's labels on a few axial slices, fit GACC, predict the rest, "
@@ -113,7 +140,7 @@ def build_parser():
     _add_training_options(demo, default_clusters=None)
 
     fit = commands.add_parser(
-        "fit", help="train a model on a 4D NIfTI volume and known clusters",
+        "fit", parents=[common], help="train a model on a 4D NIfTI volume and known clusters",
         description="Train GACC on DATA (4D NIfTI, X x Y x Z x T) with the known clusters in "
                     "CLUSTERS: a 4D probabilistic atlas (thresholded) or a 3D label image "
                     "(one cluster per label). NaN entries of a 4D cluster image are unknown.",
@@ -130,12 +157,23 @@ def build_parser():
                      help="CSV or TSV label table (index, name) naming the clusters")
     fit.add_argument("--resample", action="store_true",
                      help="resample clusters and mask onto the data grid when the grids differ")
-    fit.add_argument("--warm-start", action="store_true",
-                     help="continue training the model in --output instead of starting afresh")
+    continuing = fit.add_mutually_exclusive_group()
+    continuing.add_argument("--warm-start", action="store_true",
+                            help="train the model in --output for --epochs x --num-batches "
+                                 "more steps instead of starting afresh")
+    continuing.add_argument("--resume", type=Path, metavar="CHECKPOINT",
+                            help="continue an interrupted fit from CHECKPOINT up to --epochs x "
+                                 "--num-batches steps in all; the model options are read from "
+                                 "the file, and the result equals an uninterrupted run")
+    fit.add_argument("--checkpoint", type=Path, metavar="PATH",
+                     help="save the model to PATH every --checkpoint-every steps and when "
+                          "training ends, fails or is interrupted; PATH may contain {step}")
+    fit.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                     help=f"steps between checkpoints (default: {DEFAULT_CHECKPOINT_EVERY})")
     _add_training_options(fit, default_clusters=50)
 
     predict = commands.add_parser(
-        "predict", help="predict cluster memberships with a trained model",
+        "predict", parents=[common], help="predict cluster memberships with a trained model",
         description="Predict memberships of every voxel of DATA in the model's K clusters; "
                     "writes a 4D probability image (X x Y x Z x K) with the input's affine "
                     "and header, and optionally the thresholded clusters.",
@@ -150,9 +188,12 @@ def build_parser():
                          help="membership threshold for --clusters-output (default: %(default)s)")
     predict.add_argument("--mask", type=Path, help="3D brain mask (NIfTI)")
     predict.add_argument("--device", default="auto", help="torch device (default: %(default)s)")
+    predict.add_argument("--prediction-batch-size", type=_positive_int,
+                         help="sets per forward pass (default: the model's); halved "
+                              "automatically when the device runs out of memory")
 
     evaluate = commands.add_parser(
-        "evaluate", help="score predicted clusters against reference clusters",
+        "evaluate", parents=[common], help="score predicted clusters against reference clusters",
         description="Compute Dice, IoU, ROC AUC and overlapping NMI of PREDICTION (4D "
                     "probabilities) against REFERENCE (4D or 3D labels). The first P "
                     "predicted clusters are compared with the P reference clusters, or "
@@ -183,6 +224,12 @@ def _model_params(args):
         "run_eagerly": not args.compile,
         "device": args.device,
         "random_state": args.seed,
+        "hidden_size": args.hidden_size,
+        "column_hidden_size": args.column_hidden_size,
+        "num_heads": args.num_heads,
+        "num_layers": args.num_layers,
+        "prediction_repeats": args.prediction_repeats,
+        "prediction_batch_size": args.prediction_batch_size,
     }
 
 
@@ -208,7 +255,7 @@ def _run_demo(args):
 
 
 def _run_fit(args):
-    from .callbacks import ProgressBar
+    from .callbacks import ModelCheckpoint, ProgressBar
     from .demo import write_history
     from .estimator import GACC
     from .nifti import load_clusters, load_data, load_mask
@@ -220,13 +267,42 @@ def _run_fit(args):
     mask = None
     if args.mask is not None:
         mask = load_mask(args.mask, reference=data_img, resample=args.resample)
-    if args.warm_start:
+
+    num_steps = args.epochs * args.num_batches
+    if args.resume is not None:
+        model = GACC.load(args.resume, device=args.device)
+        num_steps -= model.n_steps_
+        print(f"Resuming from {args.resume} at step {model.n_steps_}; "
+              f"{max(num_steps, 0)} steps left.")
+    elif args.warm_start:
         model = GACC.load(args.output, device=args.device)
     else:
         model = GACC(**_model_params(args))
+
     callbacks = [] if args.quiet else [ProgressBar()]
-    model.fit(data_xyzt, cluster_xyzp, mask=mask, num_batches=args.num_batches,
-              epochs=args.epochs, callbacks=callbacks, warm_start=args.warm_start)
+    checkpoint = None
+    if args.checkpoint is not None:
+        every_n_steps = args.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
+        checkpoint = ModelCheckpoint(args.checkpoint, every_n_steps=every_n_steps)
+        callbacks.append(checkpoint)
+    if num_steps > 0:
+        epochs, num_batches = args.epochs, args.num_batches
+        if args.resume is not None:
+            # Steps depend only on the model's state, not on epoch boundaries,
+            # so the remaining steps run as one epoch.
+            epochs, num_batches = 1, num_steps
+        try:
+            model.fit(data_xyzt, cluster_xyzp, mask=mask, num_batches=num_batches,
+                      epochs=epochs, callbacks=callbacks,
+                      warm_start=args.warm_start or args.resume is not None)
+        except KeyboardInterrupt:
+            return _save_interrupted_fit(model, checkpoint, args)
+        except (NonFiniteLossError, MemoryError) as error:
+            if checkpoint is not None and checkpoint.last_step_ is not None:
+                error.args = (f"{error} The model of step {checkpoint.last_step_} was saved "
+                              f"to {checkpoint.last_path_}.",)
+            raise
+
     model.save(args.output)
     history_path = args.output.with_name(args.output.stem + "_history.csv")
     write_history(model.history_, history_path)
@@ -238,11 +314,31 @@ def _run_fit(args):
     return 0
 
 
+def _save_interrupted_fit(model, checkpoint, args):
+    """Save the model of the last completed step after Ctrl+C and print where it is."""
+    if checkpoint is not None and checkpoint.last_step_ == model.n_steps_:
+        path = checkpoint.last_path_
+    elif getattr(model, "n_steps_", 0) > 0:
+        path = args.checkpoint if args.checkpoint is not None else args.output
+        path = Path(str(path).format(step=model.n_steps_))
+        model.save(path)
+    else:
+        print("gacc fit: interrupted before the first training step; nothing was saved.",
+              file=sys.stderr)
+        return INTERRUPTED_STATUS
+    print(f"gacc fit: interrupted after {model.n_steps_} steps; the model of the last completed "
+          f"step is saved in {path}. Continue with the same command and --resume {path}.",
+          file=sys.stderr)
+    return INTERRUPTED_STATUS
+
+
 def _run_predict(args):
     from .estimator import GACC
     from .nifti import load_data, load_mask, save_img
 
     model = GACC.load(args.model, device=args.device)
+    if args.prediction_batch_size is not None:
+        model.prediction_batch_size = args.prediction_batch_size
     data_xyzt, data_img = load_data(args.data)
     mask = None if args.mask is None else load_mask(args.mask, reference=data_img)
     proba_xyzk = model.predict(data_xyzt, mask=mask)
@@ -256,8 +352,6 @@ def _run_predict(args):
 
 
 def _run_evaluate(args):
-    import nibabel as nib
-
     from .metrics import evaluate_clusters
     from .nifti import load_clusters
 
@@ -266,7 +360,7 @@ def _run_evaluate(args):
                                      reference=proba_img)
     mask = None
     if args.mask is not None:
-        mask = np.asarray(nib.load(args.mask).dataobj) > 0
+        mask = _load_score_mask(args.mask, proba_img)
     scores = evaluate_clusters(reference, proba_xyzk, mask=mask, threshold=args.threshold,
                                match=args.match)
     print(f"Mean Dice {scores['mean_dice']:.3f} (median {scores['median_dice']:.3f}), "
@@ -284,6 +378,21 @@ def _run_evaluate(args):
     return 0
 
 
+def _load_score_mask(path, reference_img):
+    """Load a 3D voxel mask, or a 4D mask of cluster entries, on the prediction's grid."""
+    from .nifti import load_data_img, load_mask
+
+    img = load_data_img(path, allow_3d=True)
+    if img.shape[3] == 1:
+        return load_mask(img, reference=reference_img)
+    if img.shape[:3] != reference_img.shape[:3]:
+        raise InvalidInputError(
+            f"The mask {str(path)!r} has spatial shape {img.shape[:3]} but the prediction has "
+            f"{reference_img.shape[:3]}; give a mask on the prediction's grid."
+        )
+    return np.asarray(img.dataobj) > 0
+
+
 def _load_prediction(path):
     from .nifti import load_data_img
 
@@ -298,11 +407,27 @@ def _load_prediction(path):
 
 
 def _configure_logging(args):
+    """Send the engine's log records to standard error; return a function that undoes it.
+
+    The handler goes on the ``gacc`` logger, not the root logger, so that
+    ``main`` can run several times in one process (as in tests) without
+    stacking handlers or changing how other libraries log.
+    """
     if args.quiet:
         level = logging.ERROR
     else:
         level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    previous_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+    def restore():
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+
+    return restore
 
 
 COMMANDS = {
@@ -317,15 +442,21 @@ def main(argv=None):
     """Run the ``gacc`` command line and return its exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args)
+    if args.command == "fit" and args.checkpoint is None and args.checkpoint_every is not None:
+        parser.error("--checkpoint-every needs --checkpoint PATH")
+    restore_logging = _configure_logging(args)
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as error:
-        print(f"gacc {args.command}: error: {error}", file=sys.stderr)
+        # One line, because messages that print an affine span several.
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"gacc {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"gacc {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_STATUS
+    finally:
+        restore_logging()
 
 
 if __name__ == "__main__":
