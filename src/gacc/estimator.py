@@ -108,6 +108,10 @@ class GACC(BaseEstimator):
         ``xc`` is the entity-to-cluster predictor's error, ``cx`` the
         cluster-to-entity predictor's error. A weight of 0 turns the term off
         and skips training the network behind it.
+    columns_per_step : int or None, default=16
+        Generated clusters that the discriminator and the cooperative
+        predictors see per training step, drawn at random each step; their
+        cost grows with this number. None uses all K clusters every step.
     hide_probability : float, default=0.5
         Probability of hiding each membership entry from the entity-to-cluster
         predictor and each feature entry from the cluster-to-entity predictor.
@@ -161,6 +165,7 @@ class GACC(BaseEstimator):
         set_sampling="global",
         window_size=5,
         annotated_fraction=0.0,
+        columns_per_step=16,
         batch_size=32,
         hidden_size=64,
         column_hidden_size=32,
@@ -188,6 +193,7 @@ class GACC(BaseEstimator):
         self.set_sampling = set_sampling
         self.window_size = window_size
         self.annotated_fraction = annotated_fraction
+        self.columns_per_step = columns_per_step
         self.batch_size = batch_size
         self.hidden_size = hidden_size
         self.column_hidden_size = column_hidden_size
@@ -221,6 +227,19 @@ class GACC(BaseEstimator):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise InvalidInputError(f"{name}={value!r} must be an integer >= 1.")
+        value = self.columns_per_step
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
+        ):
+            raise InvalidInputError(
+                f"columns_per_step={value!r} must be an integer >= 1, or None for all clusters."
+            )
+        annotated_fraction = self.annotated_fraction
+        if not (isinstance(annotated_fraction, (int, float, np.floating))
+                and 0 <= annotated_fraction < 1):
+            raise InvalidInputError(
+                f"annotated_fraction={annotated_fraction!r} must be a number in [0, 1)."
+            )
         if self.set_size < 2:
             raise InvalidInputError(
                 f"set_size={self.set_size} must be >= 2: a set needs several voxels for the "
@@ -502,6 +521,7 @@ class GACC(BaseEstimator):
             self.hide_probability,
             positive_weight=positive_weight,
             compile_modules=not self.run_eagerly,
+            columns_per_step=self.columns_per_step,
         )
         if reuse_optimizers and self._optimizer_states:
             for name, state in self._optimizer_states.items():

@@ -148,14 +148,18 @@ class TrainingStep:
         Weight of inside-cluster entries in the supervised loss.
     compile_modules : bool
         Wrap the networks in ``torch.compile``.
+    columns_per_step : int or None
+        Generated clusters the per-column networks see per step, drawn at
+        random; None uses all K.
     """
 
     def __init__(self, networks, weights, learning_rates, hide_probability,
-                 positive_weight=None, compile_modules=False):
+                 positive_weight=None, compile_modules=False, columns_per_step=None):
         self.networks = networks
         self.weights = weights
         self.hide_probability = hide_probability
         self.positive_weight = positive_weight
+        self.columns_per_step = columns_per_step
         self.compiled = False
         # State at the start of the last completed step, restored when the
         # next step finds the generator's output non-finite.
@@ -312,15 +316,27 @@ class TrainingStep:
         num_clusters = logits.shape[-1]
         num_known = batch.targets.shape[-1]
         columns = torch.sigmoid(logits).transpose(1, 2)  # (B, K, N)
+        device = logits.device
+        if self.columns_per_step is not None and self.columns_per_step < num_clusters:
+            # The per-column networks see a random subset of C generated
+            # clusters per step: an unbiased estimate of the mean over all K.
+            chosen = torch.randperm(num_clusters, device=device, generator=generator)
+            columns = columns[:, chosen[:self.columns_per_step]]  # (B, C, N)
+        num_columns = columns.shape[1]
         detached = columns.detach()
-        membership_hidden, feature_hidden = self._draw_masks(batch, num_clusters, generator)
+        membership_hidden, feature_hidden = self._draw_masks(batch, num_columns, generator)
         logged = {}
 
         if self.weights.adversarial:
             known_columns = batch.known.transpose(1, 2)  # (B, P, N)
             real_columns = batch.targets.transpose(1, 2) * known_columns
-            fake_visible = self._fake_visibility(known_columns, num_clusters, generator)
-            real_logits = self.discriminator(batch.tokens, real_columns, known_columns)
+            real_visible = known_columns
+            if num_columns < num_known:
+                chosen = torch.randperm(num_known, device=device, generator=generator)
+                chosen = chosen[:num_columns]
+                real_columns, real_visible = real_columns[:, chosen], known_columns[:, chosen]
+            fake_visible = self._fake_visibility(known_columns, num_columns, generator)
+            real_logits = self.discriminator(batch.tokens, real_columns, real_visible)
             fake_logits = self.discriminator(batch.tokens, detached * fake_visible, fake_visible)
             loss = discriminator_loss(real_logits, fake_logits)
             self._update("discriminator", loss, step)
