@@ -185,6 +185,18 @@ def test_resume_equals_uninterrupted(volume, tmp_path, monkeypatch):
     assert np.array_equal(resumed.predict(data), whole.predict(data))
 
 
+def test_resume_from_periodic_checkpoint(volume, tmp_path):
+    # As after a crash that leaves no time for a final save.
+    data, _ = volume
+    whole = _fit(volume, 7)
+    path = tmp_path / "model_{step}.pt"
+    _fit(volume, 7, [ModelCheckpoint(path, every_n_steps=3, keep_last=False)])
+    resumed = gacc.GACC.load(tmp_path / "model_3.pt", device="cpu")
+    _fit(volume, 4, model=resumed, warm_start=True)
+    assert resumed.history_ == whole.history_
+    assert np.array_equal(resumed.predict(data), whole.predict(data))
+
+
 # ----------------------------------------------------------------------
 # Failed saves and invalid settings
 

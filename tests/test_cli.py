@@ -381,6 +381,16 @@ def test_resume_equals_uninterrupted(files, capsys, monkeypatch, tmp_path):
     assert len(history) == 7
 
 
+def test_out_of_memory_one_line(files, capsys, monkeypatch):
+    def out_of_memory(self, batch, step_number, generator):
+        raise gacc.training.torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    monkeypatch.setattr(gacc.training.TrainingStep, "__call__", out_of_memory)
+    assert main(_fit_args(files)) == 1
+    line = _error_line(capsys, "fit")
+    assert "(batch_size=4 was halved down to 1): CUDA out of memory" in line
+
+
 def test_training_error_names_checkpoint(files, capsys, monkeypatch):
     checkpoint = files["folder"] / "checkpoint.pt"
     _interrupt_at_call(monkeypatch, 3, gacc.NonFiniteLossError("The generator loss became nan."))
@@ -399,22 +409,22 @@ def _gacc_command():
 
 
 def test_entry_point_subprocess(files):
+    # A real process logs through the handler that main installs, so any
+    # stray warning before the error would show as a second line.
+    assert main(_fit_args(files)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    output = files["folder"] / "model.pt"
-    ok = subprocess.run([*_gacc_command(), *_fit_args(files)], capture_output=True, text=True,
-                        timeout=300, env=env)
-    assert ok.returncode == 0, ok.stderr
-    assert ok.stderr == ""
-    assert f"Model written to {output}" in ok.stdout
-
-    bad = subprocess.run([*_gacc_command(), "predict", str(output), str(files["mask"]), "-o",
-                          str(files["folder"] / "proba.nii.gz")],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert bad.returncode == 1
-    lines = bad.stderr.splitlines()
+    result = subprocess.run(
+        [*_gacc_command(), "predict", str(files["folder"] / "model.pt"), str(files["mask"]),
+         "-o", str(files["folder"] / "proba.nii.gz")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("gacc predict: error: ")
-    assert "3D image" in lines[0]
+    assert "mask.nii.gz' is a 3D image of shape (9, 10, 8)" in lines[0]
+    assert result.stdout == ""
+    assert not (files["folder"] / "proba.nii.gz").exists()
 
 
 # ----------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The kinds of NIfTI input GACC meets, through load_data and fit and through the command line.
 
-The loader's own checks are tested in test_nifti.py; these tests follow each
+The loader's own checks are tested in test_nifti.py. These tests follow each
 kind of file through a tiny fit (and a prediction) to the written outputs.
 """
 
