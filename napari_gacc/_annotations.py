@@ -115,12 +115,12 @@ def new_annotation_layer(data_layer, table, *, name, labels=None):
 
 
 def is_data_layer(layer):
-    """Whether ``layer`` can be clustered: an Image layer with four dimensions."""
+    """Return True if ``layer`` can be clustered: an Image layer with four dimensions."""
     return isinstance(layer, Image) and layer.data.ndim == 4 and not layer.rgb
 
 
 def is_annotation_layer(layer):
-    """Whether ``layer`` is a Labels layer tagged as annotation."""
+    """Return True if ``layer`` is a Labels layer tagged as annotation."""
     return isinstance(layer, Labels) and md.layer_role(layer) == md.ROLE_ANNOTATION
 
 
@@ -210,7 +210,7 @@ class AnnotationSnapshot:
 def snapshot_annotations(layers, spatial_shape):
     """Copy the annotation layers on one grid that are marked for training.
 
-    Each layer's ``metadata["gacc"]["complete"]`` (default True) says
+    Each layer's ``metadata["gacc"]["complete"]`` (default True) tells
     whether a voxel painted in it is fully annotated (see
     :mod:`napari_gacc._layers`).
 

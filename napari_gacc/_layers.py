@@ -35,6 +35,8 @@ import pandas as pd
 from gacc.exceptions import InvalidInputError
 
 BACKGROUND_NAME = "background"
+# Grey at 35 % alpha, so the anatomy stays visible under painted background.
+BACKGROUND_COLOR = "#80808059"
 
 
 def engine_to_layer(array):
@@ -147,8 +149,8 @@ def overlap_counts(binary_xyzk):
     Returns
     -------
     counts : ndarray of shape (K, K), int64
-        ``counts[i, j]`` voxels lie in both clusters i and j; the diagonal
-        holds cluster sizes.
+        ``counts[i, j]`` voxels lie in both clusters i and j. The diagonal
+        contains the cluster sizes.
     """
     binary_vk = np.asarray(binary_xyzk, dtype=bool).reshape(-1, binary_xyzk.shape[-1])
     # float64 sums of 0/1 are exact up to 2**53 voxels.
@@ -314,7 +316,7 @@ def cluster_table(names, colors=None, *, dtype=np.uint8):
             "index": [0] + list(range(1, len(names) + 1)) + [reserved],
             "cluster": [-1] + list(range(len(names))) + [-1],
             "name": ["unknown"] + names + [BACKGROUND_NAME],
-            "color": ["#00000000"] + colors + ["#808080"],
+            "color": ["#00000000"] + colors + [BACKGROUND_COLOR],
         }
     )
 

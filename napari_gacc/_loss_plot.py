@@ -30,9 +30,9 @@ class LossPlot(QWidget):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        self.figure = Figure(figsize=(4, 2.6), tight_layout=True)
+        self.figure = Figure(figsize=(4, 3.2), layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(200)
+        self.canvas.setMinimumHeight(240)
         self.axes = self.figure.add_subplot(1, 1, 1)
         self.log_scale = QCheckBox("Log scale")
         self.log_scale.setChecked(True)
@@ -41,6 +41,8 @@ class LossPlot(QWidget):
         self.clear_button.clicked.connect(self.clear)
         self._steps = {}
         self._values = {}
+        self._background = "#ffffff"
+        self._foreground = "#000000"
         self._dirty = False
         self.redraw_count = 0
         self._timer = QTimer(self)
@@ -56,7 +58,7 @@ class LossPlot(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
         layout.addLayout(controls)
-        self._draw()
+        self._dirty = True
 
     def append(self, step, losses):
         """Add the losses of one training step; the plot updates at the next redraw tick."""
@@ -73,6 +75,11 @@ class LossPlot(QWidget):
             self._values[name] = [float(value) for value in values]
         self._dirty = True
 
+    def set_colors(self, *, background, foreground):
+        """Draw with these colours (hex strings), for example those of napari's theme."""
+        self._background, self._foreground = background, foreground
+        self._mark_dirty()
+
     def clear(self):
         """Remove every curve."""
         self._steps, self._values = {}, {}
@@ -87,14 +94,22 @@ class LossPlot(QWidget):
         self._redraw_if_dirty()
 
     def _redraw_if_dirty(self):
+        # A hidden canvas is redrawn when shown; drawing it now would queue a
+        # matplotlib draw that fails if the widget is deleted first.
         if self._dirty and self.isVisible():
             self._draw()
+
+    def showEvent(self, event):
+        """Draw pending changes as soon as the plot becomes visible."""
+        super().showEvent(event)
+        self._redraw_if_dirty()
 
     def _draw(self):
         self._dirty = False
         self.redraw_count += 1
         axes = self.axes
         axes.clear()
+        self.figure.legends.clear()
         names = [name for name in LOSS_ORDER if name in self._values]
         names += sorted(set(self._values) - set(LOSS_ORDER))
         use_log = self.log_scale.isChecked()
@@ -102,16 +117,36 @@ class LossPlot(QWidget):
             values = self._values[name]
             if use_log:
                 # Log axes cannot show zero or negative values; leave gaps there.
-                values = [value if value > 0 and math.isfinite(value) else math.nan for value in values]
+                values = [
+                    value if value > 0 and math.isfinite(value) else math.nan for value in values
+                ]
             axes.plot(self._steps[name], values, label=name, linewidth=1.2)
         axes.set_xlabel("training step")
         axes.set_ylabel("loss")
         if use_log and names:
             axes.set_yscale("log")
         if names:
-            axes.legend(fontsize="x-small", ncol=2, loc="upper right")
+            # Below the axes, so the legend never hides the curves.
+            self.figure.legend(loc="outside lower center", ncol=3, fontsize="x-small",
+                               frameon=False)
         else:
             axes.text(0.5, 0.5, "Losses appear here during training", ha="center",
                       va="center", transform=axes.transAxes, color="gray")
         axes.grid(True, alpha=0.3)
-        self.canvas.draw_idle()
+        self._paint_colors()
+        # Drawn at once: the timer already limits the rate, and matplotlib's
+        # deferred draw fails when the widget is deleted before it runs.
+        self.canvas.draw()
+
+    def _paint_colors(self):
+        axes, foreground = self.axes, self._foreground
+        self.figure.set_facecolor(self._background)
+        axes.set_facecolor(self._background)
+        axes.tick_params(colors=foreground, which="both")
+        axes.xaxis.label.set_color(foreground)
+        axes.yaxis.label.set_color(foreground)
+        for spine in axes.spines.values():
+            spine.set_color(foreground)
+        for legend in self.figure.legends:
+            for text in legend.get_texts():
+                text.set_color(foreground)

@@ -6,9 +6,11 @@ on through two entries of ``layer.metadata``:
 ``metadata["gacc"]``
     A dict with at least ``"role"`` (one of the ``ROLE_*`` constants below).
     Annotation layers add ``"use"`` (bool, whether training reads the layer)
-    and ``"background_label"``; result layers add ``"group"`` and
-    ``"clusters"`` (the 0-based cluster indices they draw); probability
-    layers add ``"model"`` (the fitted :class:`gacc.GACC`).
+    and ``"complete"`` (bool, whether a painted voxel is fully annotated).
+    Prediction Labels layers add ``"group"``, ``"clusters"`` (the 0-based
+    cluster indices they draw) and ``"data_layer"``. Probability layers add
+    ``"model"`` (the fitted :class:`gacc.GACC`), ``"names"``, ``"colors"``,
+    ``"mask"``, ``"threshold"`` and ``"data_layer"``.
 ``metadata["nifti"]``
     The geometry of the NIfTI file the layer came from or was derived from
     (see :mod:`napari_gacc._nifti_layers`), so that saving restores the

@@ -57,7 +57,7 @@ _AXIS_LABELS = {
 
 
 def is_nifti_path(path):
-    """Whether ``path`` names a NIfTI-1 or NIfTI-2 file by its extension."""
+    """Return True if ``path`` names a NIfTI-1 or NIfTI-2 file by its extension."""
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
@@ -268,7 +268,7 @@ def layer_data_to_img(data, nifti, *, is_labels=False):
     nifti : dict
         ``layer.metadata["nifti"]`` (see the module docstring).
     is_labels : bool, default=False
-        Whether the array holds labels; derived label images get the NIfTI
+        Whether the array contains labels; derived label images get the NIfTI
         intent code ``NIFTI_INTENT_LABEL`` so that readers show them as labels.
 
     Returns

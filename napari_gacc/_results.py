@@ -32,6 +32,7 @@ from ._layers import (
     group_non_overlapping,
     overlap_counts,
 )
+from ._nifti_layers import copy_nifti_metadata
 
 DISCOVERED_PREFIX = "discovered"
 
@@ -253,7 +254,11 @@ def show_thresholded(viewer, probability_layer, result):
     layers = []
     for group_index, (group, labels) in enumerate(zip(result.groups, result.label_arrays)):
         features = _group_features(result.statistics, group)
-        group_info = {"group": group_index, "clusters": list(group), "data_layer": info["data_layer"]}
+        group_info = {
+            "group": group_index,
+            "clusters": list(group),
+            "data_layer": info["data_layer"],
+        }
         if group_index < len(existing):
             layer = existing[group_index]
             layer.data = labels
@@ -262,7 +267,7 @@ def show_thresholded(viewer, probability_layer, result):
             md.gacc_info(layer).update(group_info)
         else:
             metadata = {
-                md.NIFTI_KEY: probability_layer.metadata[md.NIFTI_KEY],
+                md.NIFTI_KEY: copy_nifti_metadata(probability_layer.metadata[md.NIFTI_KEY]),
                 md.GACC_KEY: {"role": md.ROLE_PREDICTION, **group_info},
             }
             layer = viewer.add_labels(

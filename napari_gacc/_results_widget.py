@@ -57,9 +57,9 @@ _COLUMNS = (
     ("Label", "cluster"),
     ("Name", "name"),
     ("Voxels", "voxels"),
-    ("Volume (mm³)", "volume_mm3"),
-    ("Overlaps", "overlaps_with"),
+    ("mm³", "volume_mm3"),
     ("Dice", "dice"),
+    ("Overlaps", "overlapping_clusters"),
 )
 
 
@@ -102,7 +102,10 @@ class ResultsWidget(QWidget):
         self._threshold_timer.timeout.connect(self.apply_threshold)
         self.table = QTableWidget(0, len(_COLUMNS))
         self.table.setHorizontalHeaderLabels([title for title, _ in _COLUMNS])
-        self.table.horizontalHeader().setSectionResizeMode(1, QHeaderView.Stretch)
+        header = self.table.horizontalHeader()
+        for column in range(len(_COLUMNS)):
+            header.setSectionResizeMode(column, QHeaderView.ResizeToContents)
+        header.setSectionResizeMode(1, QHeaderView.Stretch)
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
@@ -120,6 +123,8 @@ class ResultsWidget(QWidget):
         self.save_model_button = QPushButton("Save model…")
         self.summary = QLabel()
         self.summary.setWordWrap(True)
+        # Wide enough for cluster names next to the statistics.
+        self.setMinimumWidth(460)
         self._build_layout()
 
         self.probability_combo.currentIndexChanged.connect(self._on_layer_changed)
@@ -202,11 +207,16 @@ class ResultsWidget(QWidget):
                     text = f"{value:,.0f}"
                 elif key == "dice":
                     text = "" if pd.isna(value) else f"{value:.2f}"
-                elif key == "voxels":
+                elif key in ("voxels", "overlapping_clusters"):
                     text = f"{int(value):,}"
                 else:
                     text = str(value)
-                self.table.setItem(row, column, QTableWidgetItem(text))
+                item = QTableWidgetItem(text)
+                if key == "overlapping_clusters" and values["overlaps_with"]:
+                    item.setToolTip(f"Overlaps clusters {values['overlaps_with']}")
+                elif key == "dice":
+                    item.setToolTip("Dice with the annotated voxels of this cluster")
+                self.table.setItem(row, column, item)
         n_empty = int((statistics["voxels"] == 0).sum())
         n_overlapping = int((statistics["overlapping_clusters"] > 0).sum())
         self.summary.setText(
@@ -321,8 +331,8 @@ class ResultsWidget(QWidget):
         return worker
 
     def _add_annotation_layers(self, probability_layer, label_arrays, names, colors, *, grew):
-        # New layers copy the data layer's grid; the probability layer shares
-        # it and stands in when the data layer was removed or renamed.
+        # New layers copy the data layer's grid. The probability layer is on the
+        # same grid, so it replaces a data layer that was removed or renamed.
         data_name = md.gacc_info(probability_layer)["data_layer"]
         source = probability_layer
         if data_name in self.viewer.layers:
@@ -376,10 +386,12 @@ class ResultsWidget(QWidget):
             return []
         folder = Path(folder)
         stem = stem or md.gacc_info(layer)["data_layer"].replace(" ", "_")
-        paths = [Path(p) for p in write_image(folder / f"{stem}_probseg.nii.gz", layer.data, _layer_meta(layer))]
+        probseg = folder / f"{stem}_probseg.nii.gz"
+        paths = [Path(p) for p in write_image(probseg, layer.data, _layer_meta(layer))]
         for index, labels in enumerate(prediction_label_layers(self.viewer.layers, layer)):
             target = folder / f"{stem}_clusters-{index + 1}_dseg.nii.gz"
-            paths += [Path(p) for p in write_labels(target, np.asarray(labels.data), _layer_meta(labels))]
+            written = write_labels(target, np.asarray(labels.data), _layer_meta(labels))
+            paths += [Path(p) for p in written]
         names = md.gacc_info(layer)["names"]
         label_table = pd.DataFrame({"index": np.arange(1, len(names) + 1), "name": names})
         label_path = folder / f"{stem}_dseg.tsv"

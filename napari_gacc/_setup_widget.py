@@ -16,6 +16,7 @@ from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
     QColorDialog,
+    QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
@@ -48,6 +49,7 @@ from ._layers import background_label, default_cluster_colors, table_clusters
 from ._nifti_layers import layer_nifti_metadata, strip_nifti_suffix
 from ._qt_layer_combo import LayerComboBox, connect_while_alive
 from ._qt_workers import FunctionWorker
+from ._view import SLICE_PLANES, set_slice_plane
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,9 @@ class SetupWidget(QWidget):
         self._count_timer.timeout.connect(self.update_counts)
 
         self.data_combo = LayerComboBox(napari_viewer, is_data_layer)
+        self.plane_combo = QComboBox()
+        self.plane_combo.addItems(["(napari default)", *SLICE_PLANES])
+        self.plane_combo.setToolTip("Slice plane for volumes opened with napari-gacc (RAS+ order).")
         self.data_info = QLabel()
         self.data_info.setWordWrap(True)
         self.layer_table = self._make_layer_table()
@@ -106,12 +111,15 @@ class SetupWidget(QWidget):
 
     def _make_layer_table(self):
         table = QTableWidget(0, 3)
-        table.setHorizontalHeaderLabels(["Use", "Annotation layer", "Fully annotated"])
+        table.setHorizontalHeaderLabels(["Use", "Annotation layer", "Complete"])
         table.horizontalHeaderItem(2).setToolTip(
             "Checked: a painted voxel is outside every cluster not painted there.\n"
             "Unchecked: a painted label only marks inside; only background marks outside."
         )
-        table.horizontalHeader().setSectionResizeMode(1, QHeaderView.Stretch)
+        header = table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeToContents)
+        header.setSectionResizeMode(1, QHeaderView.Stretch)
+        header.setSectionResizeMode(2, QHeaderView.ResizeToContents)
         table.verticalHeader().setVisible(False)
         table.setSelectionMode(QAbstractItemView.NoSelection)
         table.setMaximumHeight(130)
@@ -119,10 +127,16 @@ class SetupWidget(QWidget):
 
     def _make_cluster_table(self):
         table = QTableWidget(0, 5)
-        table.setHorizontalHeaderLabels(["Label", "Name", "Colour", "Inside", "Outside"])
+        table.setHorizontalHeaderLabels(["Label", "Name", "", "Inside", "Outside"])
+        table.horizontalHeaderItem(_COLOR_COLUMN).setToolTip("Colour (double-click to change)")
         table.horizontalHeaderItem(_INSIDE_COLUMN).setToolTip("Voxels known to be inside")
         table.horizontalHeaderItem(_OUTSIDE_COLUMN).setToolTip("Voxels known to be outside")
-        table.horizontalHeader().setSectionResizeMode(_NAME_COLUMN, QHeaderView.Stretch)
+        header = table.horizontalHeader()
+        for column in range(table.columnCount()):
+            header.setSectionResizeMode(column, QHeaderView.ResizeToContents)
+        header.setSectionResizeMode(_NAME_COLUMN, QHeaderView.Stretch)
+        header.setSectionResizeMode(_COLOR_COLUMN, QHeaderView.Fixed)
+        table.setColumnWidth(_COLOR_COLUMN, 22)
         table.verticalHeader().setVisible(False)
         table.setSelectionBehavior(QAbstractItemView.SelectRows)
         table.setSelectionMode(QAbstractItemView.SingleSelection)
@@ -132,6 +146,7 @@ class SetupWidget(QWidget):
         data_box = QGroupBox("Data")
         data_form = QFormLayout(data_box)
         data_form.addRow("4D image", self.data_combo)
+        data_form.addRow("Slice plane", self.plane_combo)
         data_form.addRow(self.data_info)
 
         annotation_box = QGroupBox("Annotation layers")
@@ -165,6 +180,8 @@ class SetupWidget(QWidget):
         cluster_layout.addLayout(row)
         cluster_layout.addWidget(self.summary)
 
+        # Wide enough for cluster names next to the known-voxel counts.
+        self.setMinimumWidth(400)
         layout = QVBoxLayout(self)
         layout.addWidget(data_box)
         layout.addWidget(annotation_box)
@@ -172,6 +189,7 @@ class SetupWidget(QWidget):
 
     def _connect_signals(self):
         self.data_combo.currentIndexChanged.connect(self._on_data_changed)
+        self.plane_combo.currentTextChanged.connect(self._on_plane_changed)
         self.new_layer_button.clicked.connect(self.add_annotation_layer)
         self.import_button.clicked.connect(self._choose_atlas)
         self.add_cluster_button.clicked.connect(self.add_cluster)
@@ -237,6 +255,10 @@ class SetupWidget(QWidget):
         for widget in (self.new_layer_button, self.import_button):
             widget.setEnabled(layer is not None)
         self._on_layers_changed()
+
+    def _on_plane_changed(self, plane):
+        if plane in SLICE_PLANES:
+            set_slice_plane(self.viewer, plane)
 
     def _refresh_layer_table(self):
         layers = self._annotation_layers()
@@ -368,7 +390,8 @@ class SetupWidget(QWidget):
             [cluster_name for cluster_name, _color in clusters],
             [color for _name, color in clusters],
         )
-        layer = new_annotation_layer(data_layer, table, name=name or self._unique_name("annotations"))
+        name = name or self._unique_name("annotations")
+        layer = new_annotation_layer(data_layer, table, name=name)
         self.viewer.add_layer(layer)
         self.paint_label(1)
         return layer
@@ -537,10 +560,12 @@ class SetupWidget(QWidget):
 
     def counts(self):
         """Return the (inside, outside) counts shown in the table, as lists of int."""
-        inside, outside = [], []
-        for row in range(self.cluster_table.rowCount()):
-            inside.append(int(self.cluster_table.item(row, _INSIDE_COLUMN).text().replace(",", "") or 0))
-            outside.append(int(self.cluster_table.item(row, _OUTSIDE_COLUMN).text().replace(",", "") or 0))
+        def cell_value(row, column):
+            return int(self.cluster_table.item(row, column).text().replace(",", "") or 0)
+
+        rows = range(self.cluster_table.rowCount())
+        inside = [cell_value(row, _INSIDE_COLUMN) for row in rows]
+        outside = [cell_value(row, _OUTSIDE_COLUMN) for row in rows]
         return inside, outside
 
 

@@ -174,7 +174,7 @@ def release_device_memory(model):
 
 
 def is_out_of_memory(error):
-    """Whether ``error`` reports that a device ran out of memory."""
+    """Return True if ``error`` reports that a device ran out of memory."""
     if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()

@@ -36,7 +36,7 @@ from gacc.exceptions import InvalidInputError
 from . import _metadata as md
 from ._annotations import is_data_layer, mask_xyz_of, snapshot_annotations
 from ._loss_plot import LossPlot
-from ._qt_layer_combo import LayerComboBox
+from ._qt_layer_combo import LayerComboBox, connect_while_alive
 from ._qt_workers import ClosingGeneratorWorker, FunctionWorker
 from ._results import (
     cluster_names_and_colors,
@@ -99,11 +99,13 @@ class TrainingWidget(QWidget):
         self.model = None
         self.worker = None
         self.run = None
+        # True from start() until _on_finished has handled the end of the run.
+        self._running = False
         self._run_data_layer = None
         self._progress = None
         self._predict_worker = None
-        # Runs still going when the widget is destroyed are stopped through
-        # this list, which the destroyed handler holds instead of the widget.
+        # The destroyed handler stops the runs in this list. It keeps a reference
+        # to the list, not to the widget, which is gone by then.
         self._live_runs = []
         live_runs = self._live_runs
         self.destroyed.connect(lambda *_: _stop_runs(live_runs))
@@ -112,6 +114,8 @@ class TrainingWidget(QWidget):
         self.mask_combo = LayerComboBox(
             napari_viewer, _is_mask_candidate, none_text="(none: voxels with nonzero data)"
         )
+        self.data_combo.currentIndexChanged.connect(self._select_default_mask)
+        self._select_default_mask()
         self._make_parameter_boxes()
         self.start_button = QPushButton("Start")
         self.start_button.setToolTip("Train a new model from scratch.")
@@ -129,6 +133,8 @@ class TrainingWidget(QWidget):
         self.status = QLabel("Not trained.")
         self.status.setWordWrap(True)
         self.loss_plot = LossPlot()
+        self._apply_theme()
+        connect_while_alive(self, napari_viewer.events.theme, self._apply_theme)
         self._build_layout()
         self._connect_signals()
         self._update_buttons()
@@ -144,7 +150,9 @@ class TrainingWidget(QWidget):
         self.num_batches = _int_box(10, 1, 100000, "Training steps per epoch.")
         self.set_size = _int_box(8, 2, 4096, "N, voxels per set.")
         self.batch_size = _int_box(32, 1, 65536, "B, sets per training step.")
-        self.learning_rate = _float_box(1e-3, 1e-6, 1.0, 6, 1e-4, "Adam learning rate of the generator.")
+        self.learning_rate = _float_box(
+            1e-3, 1e-6, 1.0, 6, 1e-4, "Adam learning rate of the generator."
+        )
         self.discriminator_learning_rate = _float_box(
             1e-3, 1e-6, 1.0, 6, 1e-4, "Adam learning rate of the discriminator."
         )
@@ -162,6 +170,13 @@ class TrainingWidget(QWidget):
         )
         self.cx_weight = _float_box(
             0.1, 0.0, 1000.0, 3, 0.05, "Weight of the cluster-to-entity predictor's error."
+        )
+        self.balance = QCheckBox("Balance inside and outside")
+        self.balance.setChecked(True)
+        self.balance.setToolTip(
+            "Weigh annotated inside voxels by the outside-to-inside ratio of their cluster "
+            "(class_weight='balanced'). Without it, small clusters can stay below 0.5 for "
+            "many steps because most annotated entries are outside."
         )
         self.device = QComboBox()
         self.device.addItems(["auto", *gacc.available_devices()])
@@ -194,6 +209,7 @@ class TrainingWidget(QWidget):
         training_form.addRow("Adversarial weight", self.adversarial_weight)
         training_form.addRow("X→C weight", self.xc_weight)
         training_form.addRow("C→X weight", self.cx_weight)
+        training_form.addRow(self.balance)
 
         run_row = QHBoxLayout()
         for button in (self.start_button, self.continue_button):
@@ -225,6 +241,14 @@ class TrainingWidget(QWidget):
         self.save_button.clicked.connect(self._choose_save_path)
         self.load_button.clicked.connect(self._choose_model_file)
 
+    def _apply_theme(self, event=None):
+        from napari.utils.theme import get_theme
+
+        theme = get_theme(self.viewer.theme)
+        self.loss_plot.set_colors(
+            background=theme.background.as_hex(), foreground=theme.text.as_hex()
+        )
+
     def _update_buttons(self):
         running = self.is_training()
         busy = running or self._predict_worker is not None
@@ -255,9 +279,21 @@ class TrainingWidget(QWidget):
             "adversarial_weight": self.adversarial_weight.value(),
             "xc_weight": self.xc_weight.value(),
             "cx_weight": self.cx_weight.value(),
+            "class_weight": "balanced" if self.balance.isChecked() else None,
             "device": self.device.currentText(),
             "random_state": None if seed < 0 else seed,
         }
+
+    def _select_default_mask(self, index=None):
+        """Pick a brain mask layer on the data grid when none is selected yet."""
+        data_layer = self.data_combo.current_layer()
+        if data_layer is None or self.mask_combo.current_layer() is not None:
+            return
+        spatial_shape = tuple(data_layer.data.shape[-3:])
+        for layer in self.viewer.layers:
+            if md.layer_role(layer) == md.ROLE_MASK and tuple(layer.data.shape) == spatial_shape:
+                self.mask_combo.set_current_layer(layer)
+                return
 
     def _mask(self, spatial_shape):
         layer = self.mask_combo.current_layer()
@@ -267,8 +303,8 @@ class TrainingWidget(QWidget):
     # Training
 
     def is_training(self):
-        """Whether a training worker is running (paused counts as running)."""
-        return self.run is not None and not self.run.done_event.is_set()
+        """Return True from the start of a training run until its end is handled (paused counts)."""
+        return self._running
 
     def start(self, *, warm_start=False):
         """Start training in a worker thread.
@@ -302,7 +338,7 @@ class TrainingWidget(QWidget):
         if warm_start:
             for key in ("batch_size", "learning_rate", "discriminator_learning_rate",
                         "predictor_learning_rate", "supervised_weight", "adversarial_weight",
-                        "xc_weight", "cx_weight"):
+                        "xc_weight", "cx_weight", "class_weight"):
                 setattr(model, key, self.model_parameters()[key])
         num_batches, epochs = self.num_batches.value(), self.epochs.value()
         run = TrainingRun(num_steps=num_batches * epochs)
@@ -327,6 +363,7 @@ class TrainingWidget(QWidget):
         worker.finished.connect(self._on_finished)
 
         self.run, self.worker = run, worker
+        self._running = True
         self._live_runs.append((run, worker))
         self._pending_model = model
         self._run_data_layer = data_layer
@@ -406,6 +443,7 @@ class TrainingWidget(QWidget):
 
     def _on_finished(self):
         run, model = self.run, self._pending_model
+        self._running = False
         self._live_runs[:] = [(r, w) for r, w in self._live_runs if r is not run]
         if self._progress is not None:
             self._progress.close()

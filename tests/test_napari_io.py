@@ -48,7 +48,9 @@ def _save_4d(path, affine, *, dtype=np.float32, seed=0):
 
 
 @pytest.mark.parametrize(
-    "affine", [np.diag([2.0, 3.0, 2.5, 1.0]), PERMUTED_AFFINE, LPS_AFFINE], ids=["ras", "permuted", "lps"]
+    "affine",
+    [np.diag([2.0, 3.0, 2.5, 1.0]), PERMUTED_AFFINE, LPS_AFFINE],
+    ids=["ras", "permuted", "lps"],
 )
 def test_orientation_round_trip(affine):
     array = np.arange(np.prod(SHAPE) * 2).reshape(SHAPE + (2,))
@@ -136,7 +138,11 @@ def test_write_keeps_integer_scaling(tmp_path):
 def test_oblique_file_warns_and_keeps_affine(tmp_path):
     angle = np.deg2rad(15)
     affine = np.eye(4)
-    affine[:3, :3] = [[np.cos(angle), 0, np.sin(angle)], [0, 2, 0], [-np.sin(angle), 0, np.cos(angle)]]
+    affine[:3, :3] = [
+        [np.cos(angle), 0, np.sin(angle)],
+        [0, 2, 0],
+        [-np.sin(angle), 0, np.cos(angle)],
+    ]
     source = tmp_path / "oblique.nii.gz"
     _save_4d(source, affine)
     with pytest.warns(UserWarning, match="oblique"):
@@ -193,7 +199,9 @@ def test_write_without_nifti_metadata_uses_scale(tmp_path):
     labels[3, 4, 5] = 2
     target = tmp_path / "plain"
     [written_path] = write_labels(
-        str(target), labels, {"metadata": {}, "scale": (2.0, 2.0, 3.0), "translate": (1.0, 0.0, -1.0)}
+        str(target),
+        labels,
+        {"metadata": {}, "scale": (2.0, 2.0, 3.0), "translate": (1.0, 0.0, -1.0)},
     )
     written = nib.load(written_path)
     assert written_path.endswith(".nii.gz")

@@ -48,7 +48,9 @@ def _small_demo_bunch():
     clusters[1:4, ..., 0] = 1
     clusters[3:6, ..., 1] = 1  # overlaps cluster 0
     clusters[5, ..., 2] = 1
-    template = nib.Nifti1Image(rng.random((14, 16, 18)).astype(np.float32), np.diag([-1.0, 1.0, 1.5, 1.0]))
+    template = nib.Nifti1Image(
+        rng.random((14, 16, 18)).astype(np.float32), np.diag([-1.0, 1.0, 1.5, 1.0])
+    )
     return Bunch(
         data_img=nib.Nifti1Image(data, affine),
         cluster_img=nib.Nifti1Image(clusters, affine),
@@ -69,7 +71,11 @@ def test_demo_layer_data_builds_annotations():
     data, data_kwargs, data_type = layer_data[1]
     assert data_type == "image"
     assert data.shape == (4,) + SHAPE
-    annotations = [item for item in layer_data if item[1]["metadata"][md.GACC_KEY]["role"] == md.ROLE_ANNOTATION]
+    annotations = [
+        item
+        for item in layer_data
+        if item[1]["metadata"][md.GACC_KEY]["role"] == md.ROLE_ANNOTATION
+    ]
     assert len(annotations) == 2
     assert list(annotations[0][1]["features"]["name"])[1:4] == ["first", "second", "third"]
 
@@ -78,7 +84,9 @@ def test_demo_layer_data_builds_annotations():
     expected = bunch.cluster_xyzp[::-1].copy()
     expected[~bunch.mask[::-1]] = np.nan
     np.testing.assert_array_equal(np.isnan(cluster_xyzp), np.isnan(expected))
-    np.testing.assert_array_equal(np.nan_to_num(cluster_xyzp, nan=-1), np.nan_to_num(expected, nan=-1))
+    np.testing.assert_array_equal(
+        np.nan_to_num(cluster_xyzp, nan=-1), np.nan_to_num(expected, nan=-1)
+    )
 
 
 @pytest.mark.gui
@@ -89,14 +97,18 @@ def test_sample_data_opens_in_viewer(make_napari_viewer):
     data_layer = viewer.layers["demo data"]
     assert data_layer.data.ndim == 4
     assert data_layer.data.shape[1:] == (53, 63, 51)
-    annotation_names = [layer.name for layer in viewer.layers if md.layer_role(layer) == md.ROLE_ANNOTATION]
+    annotation_names = [
+        layer.name for layer in viewer.layers if md.layer_role(layer) == md.ROLE_ANNOTATION
+    ]
     assert annotation_names
     assert len(viewer.layers[annotation_names[0]].features) == 110 + 2
 
 
 @pytest.mark.gui
 def test_viewer_open_and_save_round_trip(make_napari_viewer, tmp_path):
-    affine = np.array([[0.0, -2.0, 0.0, 10.0], [3.0, 0.0, 0.0, -20.0], [0.0, 0.0, 2.5, 5.0], [0.0, 0.0, 0.0, 1.0]])
+    affine = np.array(
+        [[0.0, -2.0, 0.0, 10.0], [3.0, 0.0, 0.0, -20.0], [0.0, 0.0, 2.5, 5.0], [0.0, 0.0, 0.0, 1.0]]
+    )
     rng = np.random.default_rng(1)
     data = rng.random(SHAPE + (5,)).astype(np.float32)
     source = tmp_path / "bold.nii.gz"

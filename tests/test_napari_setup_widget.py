@@ -175,3 +175,13 @@ def test_data_layer_round_trip_through_reader(data_path):
     [(data, kwargs, _)] = read_nifti(str(data_path))
     assert kwargs["metadata"][md.GACC_KEY]["role"] == md.ROLE_DATA
     assert data.shape == (5, 8, 7, 9)
+
+
+def test_slice_plane_sets_axis_order(viewer_with_data):
+    viewer = viewer_with_data
+    widget = SetupWidget(viewer)
+    widget.plane_combo.setCurrentText("axial")
+    assert viewer.dims.order == (0, 3, 2, 1)
+    assert tuple(viewer.camera.orientation2d) == ("up", "right")
+    widget.plane_combo.setCurrentText("sagittal")
+    assert viewer.dims.order == (0, 1, 3, 2)

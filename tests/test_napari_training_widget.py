@@ -167,6 +167,25 @@ def test_stop_while_paused(trained_setup, qtbot):
     _wait_until_idle(qtbot, widget)
 
 
+def test_parameters_and_default_mask(make_napari_viewer):
+    viewer = make_napari_viewer()
+    data_layer = viewer.add_image(np.zeros((N_VOLUMES,) + SHAPE, np.float32), name="bold")
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[1:6] = 1
+    viewer.add_labels(mask, name="brain", metadata={md.GACC_KEY: {"role": md.ROLE_MASK}})
+    widget = TrainingWidget(viewer)
+    assert widget.data_combo.current_layer() is data_layer
+    assert widget.mask_combo.current_layer() is viewer.layers["brain"]
+
+    widget.seed.setValue(-1)
+    widget.balance.setChecked(False)
+    parameters = widget.model_parameters()
+    assert parameters["random_state"] is None
+    assert parameters["class_weight"] is None
+    model = gacc.GACC(**parameters)
+    assert model.num_clusters == widget.num_clusters.value()
+
+
 def test_invalid_input_shows_error(trained_setup, qtbot, monkeypatch):
     viewer, widget = trained_setup
     errors = []
@@ -244,3 +263,24 @@ def test_closing_viewer_mid_training(make_napari_viewer, qtbot):
     assert run.done_event.wait(30)
     assert run.steps_done < 100000 * 10
     assert QThreadPool.globalInstance().waitForDone(10000)
+
+
+def test_loss_plot_throttles_redraws(qtbot):
+    from napari_gacc._loss_plot import REDRAW_INTERVAL_MS, LossPlot
+
+    plot = LossPlot()
+    qtbot.addWidget(plot)
+    plot.show()
+    qtbot.waitExposed(plot)
+    qtbot.wait(REDRAW_INTERVAL_MS + 100)
+    before = plot.redraw_count
+    for step in range(1, 201):
+        plot.append(step, {"generator": 1.0 / step, "supervised": 0.0})
+    qtbot.wait(2 * REDRAW_INTERVAL_MS + 100)
+
+    assert 1 <= plot.redraw_count - before <= 3
+    steps, values = plot.curves()["generator"]
+    assert steps == list(range(1, 201))
+    assert values[-1] == pytest.approx(1.0 / 200)
+    plot.log_scale.setChecked(False)
+    assert plot.axes.get_yscale() == "linear"
