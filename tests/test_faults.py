@@ -409,7 +409,7 @@ def test_model_save_disk_full(fitted, tmp_path, monkeypatch):
     def full_disk_fsync(descriptor):
         raise _no_space()
 
-    # The temporary file already holds the whole model when the sync fails.
+    # The temporary file already contains the whole model when the sync fails.
     monkeypatch.setattr(gacc.checkpoint.os, "fsync", full_disk_fsync)
     with pytest.raises(OSError, match=r"Cannot write '.*model\.pt': No space left on device\. "
                                       r"Free disk space") as raised:

@@ -413,7 +413,7 @@ def load_data(img, *, mmap=True, dtype=np.float32, nan_policy="keep", allow_3d=F
         If the path does not exist.
     InvalidInputError
         If the file is damaged or not 4D, contains NaN or infinite values
-        with ``nan_policy="raise"``, holds no finite value, or its finite
+        with ``nan_policy="raise"``, contains no finite value, or its finite
         values are all equal.
     """
     if nan_policy not in ("keep", "raise", "zero"):
@@ -1010,7 +1010,7 @@ def save_img(array, reference_img, path):
         fit the reference grid.
     OSError
         If writing fails, for example on a full disk or in a folder without
-        write permission; the message names ``path`` and the fix, and
+        write permission. The message names ``path`` and the fix, and
         ``path`` is left as it was.
     """
     path = Path(path).expanduser()

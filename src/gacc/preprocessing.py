@@ -179,10 +179,10 @@ def foreground_indices(data_xyzt, mask=None):
 
     With an explicit ``mask``, its voxels are used, and their values must all
     be finite; values outside the mask are never read. Without a mask, every
-    voxel whose values are all finite and not all zero is used: this drops
+    voxel whose values are all finite and not all zero is used. This drops
     the zero background of skull-stripped or atlas images and the NaN
-    background of many fMRI volumes, and logs a warning with the number of
-    voxels left out for holding NaN or infinite values.
+    background of many fMRI volumes. A warning then gives the number of
+    voxels left out because they contain NaN or infinite values.
 
     Raises
     ------
@@ -230,7 +230,7 @@ def iter_voxels(data_xyzt, flat_indices, chunk_size=None):
     ``voxels_t`` has shape (len(indices), T) and the dtype of ``data_xyzt``.
     The values are gathered by (i, j, k) index, so neither a Fortran-ordered
     array (as NIfTI files are stored) nor a memory map is copied whole. By
-    default a chunk holds as many voxels as fit in 16 MiB of float64 values.
+    default a chunk contains as many voxels as fit in 16 MiB of float64 values.
     """
     spatial_shape = data_xyzt.shape[:3]
     if chunk_size is None:
