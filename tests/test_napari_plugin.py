@@ -126,3 +126,20 @@ def test_viewer_open_and_save_round_trip(make_napari_viewer, tmp_path):
     np.testing.assert_array_equal(saved.affine, affine)
     np.testing.assert_array_equal(np.asanyarray(saved.dataobj), data)
     assert saved.header.get_xyzt_units() == ("mm", "sec")
+
+
+@pytest.mark.gui
+def test_widgets_listed_in_layers_menu(make_napari_viewer):
+    from napari._app_model import get_app_model
+
+    make_napari_viewer()
+    app = get_app_model()
+    segment_items = app.menus.get_menu("napari/layers/segment")
+    submenus = [getattr(item, "submenu", None) for item in segment_items]
+    assert "napari-gacc.clustering" in submenus
+    commands = {item.command.id for item in app.menus.get_menu("napari-gacc.clustering")}
+    assert commands == {
+        "napari-gacc.setup_widget",
+        "napari-gacc.training_widget",
+        "napari-gacc.results_widget",
+    }
