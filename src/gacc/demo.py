@@ -21,7 +21,7 @@ from .estimator import GACC
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_demo", "write_history"]
+__all__ = ["load_demo_task", "run_demo", "write_history"]
 
 
 def write_history(history, path):
@@ -69,27 +69,20 @@ def run_demo(output_dir="gacc_demo", *, n_given_clusters=28, num_clusters=None, 
     summary : dict
         Held-out scores, timings and the paths written.
     """
-    from . import datasets, splits
     from .metrics import evaluate_clusters
     from .nifti import save_img, to_img
     from .plotting import plot_cluster_comparison
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    demo = datasets.load_demo(data_dir=data_dir)
-    cluster_xyzp, cluster_names = _largest_clusters(
-        demo.cluster_xyzp, demo.cluster_names, demo.mask, n_given_clusters
-    )
+    demo = load_demo_task(n_given_clusters=n_given_clusters, n_known_slices=n_known_slices,
+                          random_state=random_state, data_dir=data_dir)
+    split = demo.split
+    cluster_xyzp, cluster_names = demo.cluster_xyzp, demo.cluster_names
     n_clusters_given = cluster_xyzp.shape[3]
     if num_clusters is None:
         num_clusters = max(50, n_clusters_given)
-
-    split = splits.hide_slices(
-        cluster_xyzp, axis=2, n_known_slices=n_known_slices, mask=demo.mask,
-        random_state=random_state,
-    )
-    known_share = float(split.known_mask[demo.mask].mean())
-    logger.info("Demo split: %.1f%% of the in-mask cluster entries are known", 100 * known_share)
+    known_share = demo.known_share
 
     model = GACC(num_clusters=num_clusters, device=device, random_state=random_state,
                  **model_params)
@@ -150,6 +143,32 @@ def run_demo(output_dir="gacc_demo", *, n_given_clusters=28, num_clusters=None, 
         tmp_path.write_text(json.dumps(summary, indent=2))
     summary["paths"]["scores"] = str(output_dir / "scores.json")
     return summary
+
+
+def load_demo_task(*, n_given_clusters=28, n_known_slices=6, random_state=0, data_dir=None):
+    """Load the demo case with its clusters known on a few axial slices only.
+
+    Returns the :func:`gacc.datasets.load_demo` Bunch with ``cluster_xyzp``
+    and ``cluster_names`` narrowed to the ``n_given_clusters`` largest
+    regions (in atlas order), plus ``split`` (the
+    :func:`gacc.splits.hide_slices` Bunch: partial ``cluster_xyzp`` with NaN
+    for unknown entries, ``known_mask``, ``held_out_mask``) and
+    ``known_share``, the share of in-mask cluster entries that are known.
+    """
+    from . import datasets, splits
+
+    demo = datasets.load_demo(data_dir=data_dir)
+    demo.cluster_xyzp, demo.cluster_names = _largest_clusters(
+        demo.cluster_xyzp, demo.cluster_names, demo.mask, n_given_clusters
+    )
+    demo.split = splits.hide_slices(
+        demo.cluster_xyzp, axis=2, n_known_slices=n_known_slices, mask=demo.mask,
+        random_state=random_state,
+    )
+    demo.known_share = float(demo.split.known_mask[demo.mask].mean())
+    logger.info("Demo split: %.1f%% of the in-mask cluster entries are known",
+                100 * demo.known_share)
+    return demo
 
 
 def _largest_clusters(cluster_xyzp, names, mask, count):
