@@ -26,8 +26,8 @@ class ModelFileError(ValueError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """A training loss became NaN or infinite.
+    """A training loss, a gradient or a prediction became NaN or infinite.
 
-    Training stops and the model keeps the weights of the last step whose
-    losses were all finite.
+    In training, training stops and the model keeps the weights of the last
+    step whose losses were all finite. In prediction, no output is returned.
     """

@@ -501,7 +501,7 @@ def _check_grid(image, name, reference, reference_name, what):
             f"The {what} ({name}) is not on the grid of the data ({reference_name}): "
             f"shape {shape} with affine\n{affine}\nbut the data have spatial shape "
             f"{reference_shape} with affine\n{reference_affine}\n"
-            "Pass resample=True to resample it onto the data grid, or resample it "
+            "Pass resample=True (--resample on the command line) to resample it onto the data grid, or resample it "
             "yourself with nilearn.image.resample_to_img."
         )
 
