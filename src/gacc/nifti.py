@@ -496,14 +496,17 @@ def _check_grid(image, name, reference, reference_name, what):
         return
     shape, affine = _spatial_grid(image)
     reference_shape, reference_affine = _spatial_grid(reference)
-    with np.printoptions(precision=4, suppress=True):
-        raise InvalidInputError(
-            f"The {what} ({name}) is not on the grid of the data ({reference_name}): "
-            f"shape {shape} with affine\n{affine}\nbut the data have spatial shape "
-            f"{reference_shape} with affine\n{reference_affine}\n"
-            "Pass resample=True (--resample on the command line) to resample it onto the data grid, or resample it "
-            "yourself with nilearn.image.resample_to_img."
-        )
+    def one_line(matrix):
+        rows = (" ".join(f"{value:.4g}" for value in row) for row in np.asarray(matrix))
+        return "[" + "; ".join(rows) + "]"
+
+    raise InvalidInputError(
+        f"The {what} ({name}) is not on the grid of the data ({reference_name}): "
+        f"shape {shape} with affine {one_line(affine)}, but the data have spatial shape "
+        f"{reference_shape} with affine {one_line(reference_affine)}. Pass resample=True "
+        "(--resample on the command line) to resample it onto the data grid, or resample "
+        "it yourself with nilearn.image.resample_to_img."
+    )
 
 
 def _resample(image, reference, interpolation):
