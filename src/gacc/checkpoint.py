@@ -2,7 +2,7 @@
 
 A model file is a ``torch.save`` archive of plain types and tensors only, so
 it loads with ``weights_only=True`` and never runs code from the file. It
-holds the parameters, the network weights, the optimizer states, the random
+contains the parameters, the network weights, the optimizer states, the random
 generator states, the scaling statistics, the fitted shapes, the loss
 history, the format version and the package version.
 """
@@ -196,7 +196,7 @@ def load_model(cls, path, device="auto"):
             model._mask_generator.manual_seed(model.n_steps_)
     except (KeyError, TypeError, RuntimeError, ValueError) as error:
         raise ModelFileError(
-            f"{str(path)!r} holds a GACC model whose contents do not match its parameters "
+            f"{str(path)!r} contains a GACC model whose contents do not match its parameters "
             f"(damaged or edited file): {type(error).__name__}: {error}"
         ) from error
     _check_finite_weights(model.networks_, path)

@@ -66,7 +66,7 @@ class Generator(nn.Module):
     """Map a set of voxels to their memberships in K clusters.
 
     Transformer blocks give a hidden vector per voxel. The voxel head turns it
-    into a query per voxel; the cluster head pools the set once per cluster
+    into a query per voxel. The cluster head pools the set once per cluster
     (attention pooling with a learned score per cluster) and projects the
     pooled vector with a per-cluster matrix into a key per cluster. Their
     scaled dot products, through a per-cluster affine map, are the

@@ -277,7 +277,7 @@ def check_cluster_xyzp(cluster_xyzp, spatial_shape, num_clusters, known_mask=Non
     known = np.isfinite(clusters)
     if np.isinf(clusters).any():
         raise InvalidInputError(
-            "cluster_xyzp holds infinite values; use 1 inside, 0 outside and NaN for unknown."
+            "cluster_xyzp contains infinite values; use 1 inside, 0 outside and NaN for unknown."
         )
     if known_mask is not None:
         known_mask = _as_array(known_mask, "known_mask")

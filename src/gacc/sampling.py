@@ -1,11 +1,12 @@
 """Drawing sets of voxels, the same way for training and for prediction.
 
-A set is N distinct foreground voxels drawn uniformly at random. Training
-draws B such sets per step. Prediction splits a random permutation of the
-foreground into sets of N, so every voxel lands in exactly one set per
-repeat, and repeats with other permutations: each voxel is then seen in as
-many different random contexts as there are repeats, each context drawn
-like a training set, and its memberships are the mean over repeats.
+A set is N distinct foreground voxels drawn uniformly at random ("global"
+sets) or from one small cube of the volume ("local" sets). Training draws B
+such sets per step. Prediction splits the foreground into sets of the same
+kind, so every voxel lands in exactly one set per repeat. Each repeat uses a
+new random split, so a voxel is seen in as many random contexts as there are
+repeats, each drawn like a training set. Its memberships are the mean over
+the repeats.
 """
 
 import numpy as np
@@ -118,7 +119,7 @@ def prediction_sets(n_voxels, set_size, repeats, seed, *, ijk=None, window=None)
         counted = np.ones(n_sets * set_size, dtype=bool)
         if n_fill:
             # Fill-in voxels come from outside the last set's own members so a
-            # set never holds one voxel twice.
+            # set never contains one voxel twice.
             last_members = order[(n_sets - 1) * set_size:]
             candidates = np.setdiff1d(np.arange(n_voxels), last_members, assume_unique=True)
             if len(candidates) >= n_fill:
