@@ -41,6 +41,7 @@ from ._annotations import (
 from ._io import write_image, write_labels
 from ._qt_layer_combo import LayerComboBox, connect_while_alive
 from ._qt_workers import FunctionWorker
+from ._recovery import discard_sessions_of_this_process
 from ._results import (
     prediction_as_annotations,
     prediction_label_layers,
@@ -404,6 +405,8 @@ class ResultsWidget(QWidget):
             paths.append(statistics_path)
         logger.info("Exported %d files to %s", len(paths), folder)
         show_info(f"Exported {len(paths)} files to {folder}.")
+        # The results are on disk now, so the crash-recovery autosave can go.
+        discard_sessions_of_this_process()
         return paths
 
     def save_model(self, path):
@@ -415,6 +418,7 @@ class ResultsWidget(QWidget):
             return None
         model.save(path)
         show_info(f"Saved the GACC model to {path}.")
+        discard_sessions_of_this_process()
         return Path(path)
 
     def _choose_export_folder(self):

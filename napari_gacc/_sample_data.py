@@ -10,11 +10,15 @@ from ._orientation import to_display_order
 
 
 def demo_layer_data(bunch, *, name="demo"):
-    """Convert a :func:`gacc.datasets.load_demo` bunch to napari layer data.
+    """Convert a :func:`gacc.demo.load_demo_task` bunch to napari layer data.
 
     Returns, bottom to top: the anatomical template, the 4D data (volume
-    axis first), the brain mask and the annotation layers built from the
-    partial ground truth, with overlapping clusters in separate layers.
+    axis first), the brain mask and the annotation layers, with overlapping
+    clusters in separate layers. The annotations come from
+    ``bunch.split.cluster_xyzp``, the clusters known on a few slices with
+    NaN elsewhere, so unknown voxels stay unpainted (0). A bunch without
+    ``split``, such as :func:`gacc.datasets.load_demo` returns, is painted
+    from its complete ``cluster_xyzp``.
     """
     template = img_to_layer_data(bunch.template_img, name="MNI template", role=md.ROLE_ANATOMY)
     data = img_to_layer_data(bunch.data_img, name=f"{name} data", role=md.ROLE_DATA)
@@ -24,7 +28,9 @@ def demo_layer_data(bunch, *, name="demo"):
     mask[1].update(visible=False, opacity=0.3)
 
     nifti = data_kwargs["metadata"][md.NIFTI_KEY]
-    cluster_xyzp = np.array(bunch.cluster_xyzp, dtype=np.float32)
+    split = bunch.get("split")
+    known_xyzp = bunch.cluster_xyzp if split is None else split.cluster_xyzp
+    cluster_xyzp = np.array(known_xyzp, dtype=np.float32)
     # Outside the brain nothing is sampled, so leave it unpainted rather
     # than painting the whole field of view as background.
     cluster_xyzp[~np.asarray(bunch.mask, dtype=bool)] = np.nan
@@ -54,9 +60,13 @@ def demo_layer_data(bunch, *, name="demo"):
 
 
 def load_demo_sample():
-    """Load the GACC demo case as napari layers (the sample data command)."""
+    """Load the GACC demo task as napari layers (the sample data command).
+
+    The 28 largest Harvard-Oxford regions are annotated on 6 axial slices
+    each, as a user would paint them; every other voxel is unknown.
+    """
     # Imported here so that napari's plugin discovery does not load the
     # dataset module.
-    from gacc.datasets import load_demo
+    from gacc.demo import load_demo_task
 
-    return demo_layer_data(load_demo())
+    return demo_layer_data(load_demo_task())

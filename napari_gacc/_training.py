@@ -82,7 +82,7 @@ class TrainingRun:
 
 
 def train_steps(model, data_layer_array, annotations, mask, run, *, num_batches, epochs,
-                warm_start):
+                warm_start, callbacks=None):
     """Train ``model``, yielding the engine's log dict after every step.
 
     Parameters
@@ -97,6 +97,8 @@ def train_steps(model, data_layer_array, annotations, mask, run, *, num_batches,
     run : TrainingRun
     num_batches, epochs : int
     warm_start : bool
+    callbacks : list of gacc.callbacks.Callback or None, default=None
+        Passed to :meth:`gacc.GACC.fit_iter`, such as the recovery checkpoint.
 
     Yields
     ------
@@ -119,6 +121,7 @@ def train_steps(model, data_layer_array, annotations, mask, run, *, num_batches,
             epochs=epochs,
             stop_event=run.stop_event,
             warm_start=warm_start,
+            callbacks=callbacks,
         )
         for step_logs in steps:
             run.steps_done += 1

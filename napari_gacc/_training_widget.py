@@ -34,10 +34,24 @@ import gacc
 from gacc.exceptions import InvalidInputError
 
 from . import _metadata as md
-from ._annotations import is_data_layer, mask_xyz_of, snapshot_annotations
+from ._annotations import (
+    current_cluster_table,
+    is_data_layer,
+    mask_xyz_of,
+    snapshot_annotations,
+    spatial_placement,
+)
 from ._loss_plot import LossPlot
 from ._qt_layer_combo import LayerComboBox, connect_while_alive
 from ._qt_workers import ClosingGeneratorWorker, FunctionWorker
+from ._recovery import (
+    RecoverySession,
+    discard_folder,
+    find_orphaned_sessions,
+    load_annotations,
+    model_path,
+    restore_annotation_layers,
+)
 from ._results import (
     cluster_names_and_colors,
     find_probability_layer,
@@ -53,6 +67,17 @@ from ._training import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Clusters left for discovery beyond the annotated ones when K follows the table.
+N_DISCOVERED_CLUSTERS = 10
+# The engine's default K, kept while the table has fewer annotated clusters.
+DEFAULT_NUM_CLUSTERS = 50
+
+
+def default_num_clusters(n_annotated):
+    """Return the default K: 50 like :class:`gacc.GACC`, or P + 10 for larger tables."""
+    return max(DEFAULT_NUM_CLUSTERS, n_annotated + N_DISCOVERED_CLUSTERS)
+
 
 def _is_mask_candidate(layer):
     return isinstance(layer, (Labels, Image)) and layer.data.ndim == 3
@@ -108,7 +133,12 @@ class TrainingWidget(QWidget):
         # to the list, not to the widget, which is gone by then.
         self._live_runs = []
         live_runs = self._live_runs
-        self.destroyed.connect(lambda *_: _stop_runs(live_runs))
+        # Autosave folder of this widget, plus restored folders of crashed
+        # sessions; all are removed on a save or a normal close.
+        self.recovery = RecoverySession()
+        self._adopted_recovery = []
+        recovery, adopted = self.recovery, self._adopted_recovery
+        self.destroyed.connect(lambda *_: _close_session(live_runs, recovery, adopted))
 
         self.data_combo = LayerComboBox(napari_viewer, is_data_layer)
         self.mask_combo = LayerComboBox(
@@ -133,18 +163,29 @@ class TrainingWidget(QWidget):
         self.status = QLabel("Not trained.")
         self.status.setWordWrap(True)
         self.loss_plot = LossPlot()
+        self._make_recovery_notice()
         self._apply_theme()
         connect_while_alive(self, napari_viewer.events.theme, self._apply_theme)
+        # K follows the cluster table until the user sets it.
+        self._num_clusters_set_by_user = False
+        self._follow_cluster_table()
+        self.num_clusters.valueChanged.connect(self._on_num_clusters_changed)
+        for emitter in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            connect_while_alive(self, emitter, self._follow_cluster_table)
         self._build_layout()
         self._connect_signals()
         self._update_buttons()
+        self.check_recovery()
 
     # ------------------------------------------------------------------
     # Layout
 
     def _make_parameter_boxes(self):
+        self._setting_num_clusters = False
         self.num_clusters = _int_box(
-            20, 1, 1000, "K, clusters predicted: the annotated ones first, then discovered ones."
+            DEFAULT_NUM_CLUSTERS, 1, 1000,
+            "K, clusters predicted: the annotated ones first, then discovered ones. Until "
+            "you change it, K is 50, or the number of annotated clusters plus 10 if larger."
         )
         self.epochs = _int_box(40, 1, 100000, "Training epochs.")
         self.num_batches = _int_box(10, 1, 100000, "Training steps per epoch.")
@@ -172,11 +213,11 @@ class TrainingWidget(QWidget):
             0.1, 0.0, 1000.0, 3, 0.05, "Weight of the cluster-to-entity predictor's error."
         )
         self.balance = QCheckBox("Balance inside and outside")
-        self.balance.setChecked(True)
+        self.balance.setChecked(False)
         self.balance.setToolTip(
             "Weigh annotated inside voxels by the outside-to-inside ratio of their cluster "
-            "(class_weight='balanced'). Without it, small clusters can stay below 0.5 for "
-            "many steps because most annotated entries are outside."
+            "(class_weight='balanced'). It helps small clusters that stay below 0.5, but "
+            "tends to make predicted clusters much larger than the annotated ones."
         )
         self.device = QComboBox()
         self.device.addItems(["auto", *gacc.available_devices()])
@@ -222,6 +263,7 @@ class TrainingWidget(QWidget):
             model_row.addWidget(button)
 
         layout = QVBoxLayout(self)
+        layout.addWidget(self.recovery_notice)
         layout.addWidget(data_box)
         layout.addWidget(model_box)
         layout.addWidget(training_box)
@@ -263,6 +305,93 @@ class TrainingWidget(QWidget):
             box.setEnabled(not running)
 
     # ------------------------------------------------------------------
+    # Crash recovery
+
+    def _make_recovery_notice(self):
+        self.recovery_notice = QGroupBox("Unsaved work from a previous session")
+        self.recovery_label = QLabel()
+        self.recovery_label.setWordWrap(True)
+        self.restore_button = QPushButton("Restore")
+        self.restore_button.setToolTip(
+            "Add the autosaved annotation layers and load the autosaved model."
+        )
+        self.discard_recovery_button = QPushButton("Discard")
+        self.discard_recovery_button.setToolTip("Delete the autosaved files.")
+        self.restore_button.clicked.connect(self.restore_recovery)
+        self.discard_recovery_button.clicked.connect(self._discard_orphan)
+        row = QHBoxLayout()
+        row.addWidget(self.restore_button)
+        row.addWidget(self.discard_recovery_button)
+        notice_layout = QVBoxLayout(self.recovery_notice)
+        notice_layout.addWidget(self.recovery_label)
+        notice_layout.addLayout(row)
+        self.recovery_notice.setVisible(False)
+        self._orphan_folder = None
+
+    def check_recovery(self):
+        """Look for autosaved work of a session that crashed and offer it in the notice.
+
+        Returns
+        -------
+        folder : Path or None
+            The newest such folder, or None.
+        """
+        exclude = [self.recovery.folder, *self._adopted_recovery]
+        orphans = find_orphaned_sessions(self.recovery.root, exclude=exclude)
+        self._orphan_folder = orphans[0] if orphans else None
+        if self._orphan_folder is not None:
+            has_model = model_path(self._orphan_folder) is not None
+            self.recovery_label.setText(
+                "GACC training did not end normally last time. Autosaved annotations"
+                + (" and model" if has_model else "")
+                + f" are in {self._orphan_folder}."
+            )
+        self.recovery_notice.setVisible(self._orphan_folder is not None)
+        return self._orphan_folder
+
+    def restore_recovery(self):
+        """Add the autosaved annotation layers and load the autosaved model.
+
+        The restored folder is kept until the model is saved or the widget
+        closes normally, so a second crash loses nothing.
+
+        Returns
+        -------
+        layers : list of napari.layers.Labels
+            The restored annotation layers (empty if none were saved).
+        """
+        folder = self._orphan_folder
+        if folder is None:
+            return []
+        try:
+            snapshot, info = load_annotations(folder)
+        except (OSError, ValueError, KeyError) as error:
+            show_error(f"Cannot read the autosaved annotations in {folder}: {error}")
+            return []
+        layers = [] if snapshot is None else restore_annotation_layers(
+            self.viewer, snapshot, info
+        )
+        checkpoint = model_path(folder)
+        if checkpoint is not None and not self.is_training():
+            self.load_model(checkpoint)
+        self._adopted_recovery.append(folder)
+        self.check_recovery()
+        show_info(f"Restored {len(layers)} annotation layers from {folder}.")
+        return layers
+
+    def _discard_orphan(self):
+        if self._orphan_folder is not None:
+            discard_folder(self._orphan_folder)
+        self.check_recovery()
+
+    def discard_recovery(self):
+        """Remove this widget's autosaved files (after the work has been saved)."""
+        self.recovery.discard()
+        for folder in self._adopted_recovery:
+            discard_folder(folder)
+        self._adopted_recovery.clear()
+
+    # ------------------------------------------------------------------
     # Parameters
 
     def model_parameters(self):
@@ -283,6 +412,25 @@ class TrainingWidget(QWidget):
             "device": self.device.currentText(),
             "random_state": None if seed < 0 else seed,
         }
+
+    def _on_num_clusters_changed(self, value):
+        if not self._setting_num_clusters:
+            self._num_clusters_set_by_user = True
+
+    def _follow_cluster_table(self, event=None):
+        """Set K to its default for the current cluster table, unless the user set K."""
+        if self._num_clusters_set_by_user:
+            return
+        table = current_cluster_table(self.viewer.layers)
+        n_annotated = 0 if table is None else int((table["cluster"] >= 0).sum())
+        self._set_num_clusters(default_num_clusters(n_annotated))
+
+    def _set_num_clusters(self, value):
+        self._setting_num_clusters = True
+        try:
+            self.num_clusters.setValue(value)
+        finally:
+            self._setting_num_clusters = False
 
     def _select_default_mask(self, index=None):
         """Pick a brain mask layer on the data grid when none is selected yet."""
@@ -329,6 +477,8 @@ class TrainingWidget(QWidget):
             spatial_shape = tuple(data_layer.data.shape[-3:])
             snapshot = snapshot_annotations(self.viewer.layers, spatial_shape)
             mask = self._mask(spatial_shape)
+            if not warm_start:
+                self._follow_cluster_table()
             model = self._model_for_run(warm_start, len(snapshot.cluster_names))
         except InvalidInputError as error:
             show_error(str(error))
@@ -341,6 +491,7 @@ class TrainingWidget(QWidget):
                         "xc_weight", "cx_weight", "class_weight"):
                 setattr(model, key, self.model_parameters()[key])
         num_batches, epochs = self.num_batches.value(), self.epochs.value()
+        callbacks = self._autosave(snapshot, data_layer)
         run = TrainingRun(num_steps=num_batches * epochs)
         worker = create_worker(
             train_steps,
@@ -352,6 +503,7 @@ class TrainingWidget(QWidget):
             num_batches=num_batches,
             epochs=epochs,
             warm_start=warm_start,
+            callbacks=callbacks,
             _start_thread=False,
             _ignore_errors=True,
             _worker_class=ClosingGeneratorWorker,
@@ -376,6 +528,20 @@ class TrainingWidget(QWidget):
         worker.start()
         self._update_buttons()
         return worker
+
+    def _autosave(self, snapshot, data_layer):
+        """Write the annotations for crash recovery; return the checkpoint callbacks."""
+        try:
+            self.recovery.save_annotations(
+                snapshot, data_layer_name=data_layer.name,
+                placement=spatial_placement(data_layer),
+            )
+            return [self.recovery.model_checkpoint()]
+        except OSError as error:
+            # Training goes on without crash recovery rather than not at all.
+            logger.error("Autosave to %s failed: %s", self.recovery.folder, error)
+            show_error(f"Crash recovery is off for this run: autosave failed ({error}).")
+            return []
 
     def _model_for_run(self, warm_start, n_known):
         if warm_start:
@@ -544,6 +710,7 @@ class TrainingWidget(QWidget):
             return None
         self.model.save(path)
         show_info(f"Saved the GACC model to {path}.")
+        self.discard_recovery()
         return path
 
     def load_model(self, path):
@@ -553,7 +720,8 @@ class TrainingWidget(QWidget):
         except (OSError, ValueError) as error:
             show_error(f"Cannot load the model: {error}")
             return None
-        self.num_clusters.setValue(self.model.num_clusters)
+        self._set_num_clusters(self.model.num_clusters)
+        self._num_clusters_set_by_user = True
         self.loss_plot.set_history(self.model.history_)
         self.status.setText(f"Loaded a model trained for {self.model.n_steps_} steps.")
         self._update_buttons()
@@ -572,6 +740,14 @@ class TrainingWidget(QWidget):
         )
         if path:
             self.load_model(path)
+
+
+def _close_session(live_runs, recovery, adopted_folders):
+    """Stop the widget's runs and remove its recovery folders (a normal close)."""
+    _stop_runs(live_runs)
+    recovery.discard()
+    for folder in adopted_folders:
+        discard_folder(folder)
 
 
 def _stop_runs(live_runs):

@@ -89,6 +89,30 @@ def test_demo_layer_data_builds_annotations():
     )
 
 
+def test_demo_layer_data_paints_known_slices_only():
+    from gacc.splits import hide_slices
+
+    bunch = _small_demo_bunch()
+    bunch.split = hide_slices(
+        bunch.cluster_xyzp, axis=2, n_known_slices=2, mask=bunch.mask, random_state=0
+    )
+    layer_data = demo_layer_data(bunch)
+
+    annotations = [
+        item[0]
+        for item in layer_data
+        if item[1]["metadata"][md.GACC_KEY]["role"] == md.ROLE_ANNOTATION
+    ]
+    painted = np.zeros(SHAPE, dtype=bool)
+    for labels in annotations:
+        painted |= labels > 0
+    known_slices = sorted({z for slices in bunch.split.known_slices for z in slices})
+    assert sorted(np.flatnonzero(painted.any(axis=(0, 1)))) == known_slices
+    cluster_xyzp = annotations_to_cluster_xyzp(annotations, 3)[::-1]
+    inside = cluster_xyzp == 1
+    np.testing.assert_array_equal(inside, (bunch.split.cluster_xyzp == 1) & bunch.mask[..., None])
+
+
 @pytest.mark.gui
 @pytest.mark.slow
 def test_sample_data_opens_in_viewer(make_napari_viewer):
@@ -101,7 +125,15 @@ def test_sample_data_opens_in_viewer(make_napari_viewer):
         layer.name for layer in viewer.layers if md.layer_role(layer) == md.ROLE_ANNOTATION
     ]
     assert annotation_names
-    assert len(viewer.layers[annotation_names[0]].features) == 110 + 2
+    # 28 regions plus the background and "unknown" rows of the cluster table.
+    assert len(viewer.layers[annotation_names[0]].features) == 28 + 2
+    painted = np.zeros(data_layer.data.shape[1:], dtype=bool)
+    for name in annotation_names:
+        painted |= viewer.layers[name].data > 0
+    painted_slices = np.flatnonzero(painted.any(axis=(0, 1)))
+    # Each region is known on 6 axial slices, so many slices stay unpainted.
+    assert 6 <= len(painted_slices) < 51
+    assert painted.mean() < 0.5
 
 
 @pytest.mark.gui

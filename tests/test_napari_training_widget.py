@@ -21,6 +21,11 @@ N_VOLUMES = 6
 
 
 @pytest.fixture(autouse=True)
+def _recovery_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_GACC_RECOVERY_DIR", str(tmp_path / "recovery"))
+
+
+@pytest.fixture(autouse=True)
 def _one_torch_thread():
     # Tiny training steps run far slower with several intra-op threads on a
     # busy machine, because the threads spin waiting for each other.
@@ -177,13 +182,29 @@ def test_parameters_and_default_mask(make_napari_viewer):
     assert widget.data_combo.current_layer() is data_layer
     assert widget.mask_combo.current_layer() is viewer.layers["brain"]
 
+    assert not widget.balance.isChecked()
+    assert widget.num_clusters.value() == 50
     widget.seed.setValue(-1)
-    widget.balance.setChecked(False)
     parameters = widget.model_parameters()
     assert parameters["random_state"] is None
     assert parameters["class_weight"] is None
     model = gacc.GACC(**parameters)
     assert model.num_clusters == widget.num_clusters.value()
+
+
+def test_default_k_follows_cluster_table(make_napari_viewer):
+    viewer = make_napari_viewer()
+    data_layer = viewer.add_image(np.zeros((N_VOLUMES,) + SHAPE, np.float32), name="bold")
+    widget = TrainingWidget(viewer)
+    assert widget.num_clusters.value() == 50
+
+    names = [f"region {index}" for index in range(60)]
+    viewer.add_layer(new_annotation_layer(data_layer, cluster_table(names), name="paint"))
+    assert widget.num_clusters.value() == 70
+
+    widget.num_clusters.setValue(64)
+    viewer.layers.remove("paint")
+    assert widget.num_clusters.value() == 64
 
 
 def test_invalid_input_shows_error(trained_setup, qtbot, monkeypatch):

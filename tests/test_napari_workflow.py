@@ -25,6 +25,11 @@ AFFINE = np.array(
 
 
 @pytest.fixture(autouse=True)
+def _recovery_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_GACC_RECOVERY_DIR", str(tmp_path / "recovery"))
+
+
+@pytest.fixture(autouse=True)
 def _one_torch_thread():
     # Tiny training steps run far slower with several intra-op threads on a
     # busy machine, because the threads spin waiting for each other.
