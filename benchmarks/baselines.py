@@ -256,7 +256,7 @@ def knn_baseline(
     random_state=None,
     n_neighbors=15,
     coordinate_weight=1.0,
-    n_components=20,
+    n_components=10,
     max_train_voxels=20_000,
 ):
     """Predict memberships with a k-nearest-neighbour classifier per known-voxel group.
@@ -275,8 +275,10 @@ def knn_baseline(
         Neighbours, weighted by inverse distance.
     coordinate_weight : float, default=1.0
         Weight of the voxel position against the data (see :func:`voxel_features`).
-    n_components : int, default=20
-        PCA components of the data kept, so distances stay cheap for large T.
+    n_components : int, default=10
+        PCA components of the data kept. With 13 dimensions in all, scikit-learn
+        searches neighbours with a k-d tree, which is much faster than the
+        brute-force search it uses above 15 dimensions.
     max_train_voxels : int, default=20000
         Largest training set per fit; larger ones are subsampled.
 
@@ -366,7 +368,7 @@ def label_spreading_baseline(
     n_neighbors=10,
     alpha=0.2,
     coordinate_weight=1.0,
-    n_components=20,
+    n_components=10,
     max_labelled_voxels=3000,
     n_unlabelled_voxels=3000,
 ):
@@ -395,7 +397,7 @@ def label_spreading_baseline(
         Share of a node's label taken from its neighbours at each iteration.
     coordinate_weight : float, default=1.0
         Weight of the voxel position against the data.
-    n_components : int, default=20
+    n_components : int, default=10
         PCA components of the data kept.
     max_labelled_voxels : int, default=3000
         Largest number of labelled graph nodes per cluster.
@@ -452,7 +454,7 @@ def kmeans_baseline(
     mask=None,
     random_state=None,
     coordinate_weight=1.0,
-    n_components=20,
+    n_components=10,
 ):
     """Partition the mask's voxels with k-means on features plus coordinates.
 
@@ -471,7 +473,7 @@ def kmeans_baseline(
         Seed for PCA and the k-means initialisation.
     coordinate_weight : float, default=1.0
         Weight of the voxel position against the data.
-    n_components : int, default=20
+    n_components : int, default=10
         PCA components of the data kept.
 
     Returns
@@ -498,7 +500,7 @@ def gaussian_mixture_baseline(
     mask=None,
     random_state=None,
     coordinate_weight=1.0,
-    n_components=20,
+    n_components=10,
     max_train_voxels=20_000,
 ):
     """Cluster the mask's voxels softly with a diagonal Gaussian mixture.
@@ -517,7 +519,7 @@ def gaussian_mixture_baseline(
         Seed for PCA, subsampling and the initialisation.
     coordinate_weight : float, default=1.0
         Weight of the voxel position against the data.
-    n_components : int, default=20
+    n_components : int, default=10
         PCA components of the data kept.
     max_train_voxels : int, default=20000
         The mixture is fitted on at most this many voxels drawn at random,
