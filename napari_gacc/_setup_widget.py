@@ -49,6 +49,7 @@ from ._layers import background_label, default_cluster_colors, table_clusters
 from ._nifti_layers import layer_nifti_metadata, strip_nifti_suffix
 from ._qt_layer_combo import LayerComboBox, connect_while_alive
 from ._qt_workers import FunctionWorker
+from ._recovery import find_orphaned_sessions
 from ._view import SLICE_PLANES, set_slice_plane
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class SetupWidget(QWidget):
         self.paint_background_button = QPushButton("Paint background")
         self.summary = QLabel()
         self.summary.setWordWrap(True)
+        self._make_recovery_notice()
         self._build_layout()
         self._connect_signals()
         self._on_data_changed()
@@ -141,6 +143,31 @@ class SetupWidget(QWidget):
         table.setSelectionBehavior(QAbstractItemView.SelectRows)
         table.setSelectionMode(QAbstractItemView.SingleSelection)
         return table
+
+    def _make_recovery_notice(self):
+        """Build the notice shown when a crashed session left autosaved work.
+
+        Restoring happens in the training widget because it also loads the
+        autosaved model, so the button only opens that widget.
+        """
+        self.recovery_notice = QGroupBox("Unsaved work from a previous session")
+        orphans = find_orphaned_sessions()
+        label = QLabel(
+            "GACC training did not end normally last time. Open GACC training to "
+            "restore the autosaved annotations and model"
+            + (f" from {orphans[0]}." if orphans else ".")
+        )
+        label.setWordWrap(True)
+        self.open_training_button = QPushButton("Open GACC training")
+        self.open_training_button.clicked.connect(self._open_training_widget)
+        notice_layout = QVBoxLayout(self.recovery_notice)
+        notice_layout.addWidget(label)
+        notice_layout.addWidget(self.open_training_button)
+        self.recovery_notice.setVisible(bool(orphans))
+
+    def _open_training_widget(self):
+        self.viewer.window.add_plugin_dock_widget("napari-gacc", "GACC training")
+        self.recovery_notice.setVisible(False)
 
     def _build_layout(self):
         data_box = QGroupBox("Data")
@@ -183,6 +210,7 @@ class SetupWidget(QWidget):
         # Wide enough for cluster names next to the known-voxel counts.
         self.setMinimumWidth(400)
         layout = QVBoxLayout(self)
+        layout.addWidget(self.recovery_notice)
         layout.addWidget(data_box)
         layout.addWidget(annotation_box)
         layout.addWidget(cluster_box, stretch=1)

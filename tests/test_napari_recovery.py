@@ -170,3 +170,23 @@ def test_orphans_skip_live_sessions(recovery_root):
     found = {folder.name for folder in find_orphaned_sessions()}
 
     assert found == {"dead", "own"}
+
+
+def test_setup_widget_points_to_training(make_napari_viewer, qtbot):
+    from napari_gacc._setup_widget import SetupWidget
+
+    viewer = make_napari_viewer()
+    _add_annotated_data(viewer)
+    crashed = _trained_widget(viewer, qtbot)
+    setup = SetupWidget(viewer)
+    assert setup.recovery_notice.isVisibleTo(setup)
+
+    setup.open_training_button.click()
+
+    training = [
+        widget for widget in viewer.window.dock_widgets.values()
+        if isinstance(widget, TrainingWidget) and widget is not crashed
+    ]
+    assert len(training) == 1
+    assert training[0]._orphan_folder == crashed.recovery.folder
+    assert not setup.recovery_notice.isVisibleTo(setup)
