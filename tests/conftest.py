@@ -21,3 +21,9 @@ def demo_data_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("gacc_data")
     datasets.load_demo(data_dir=data_dir)
     return data_dir
+
+
+@pytest.fixture(autouse=True)
+def _isolated_recovery_dir(tmp_path, monkeypatch):
+    """Keep the plugin's crash-recovery files of every test in a temporary folder."""
+    monkeypatch.setenv("NAPARI_GACC_RECOVERY_DIR", str(tmp_path / "napari_gacc_recovery"))
