@@ -454,3 +454,50 @@ def test_demo_end_to_end(demo_data_dir, tmp_path, capsys):
     scores = json.loads((out / "scores.json").read_text())
     assert len(scores["per_cluster"]) == 28
     assert gacc.GACC.load(out / "model.pt", device="cpu").n_steps_ == 2
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("bold.nii.gz", "names a NIfTI file"),
+        ("", "is a folder"),
+        ("missing/model.pt", "does not exist"),
+        ("bold.nii.gz/model.pt", "is a file, not a folder"),
+    ],
+    ids=["nifti-name", "folder", "missing-folder", "file-as-folder"],
+)
+def test_fit_bad_output_before_training(files, capsys, output, message, monkeypatch):
+    from gacc import estimator
+
+    def fail_fit(*args, **kwargs):
+        raise AssertionError("training started before the output path was checked")
+
+    monkeypatch.setattr(estimator.GACC, "fit", fail_fit)
+    data_before = files["data"].read_bytes()
+    args = ["fit", str(files["data"]), str(files["clusters"]), "-o",
+            str(files["folder"] / output), *TINY_OPTIONS]
+
+    assert main(args) == 1
+    assert message in _error_line(capsys, "fit")
+    assert files["data"].read_bytes() == data_before
+
+
+def test_predict_refuses_to_overwrite_input(files, capsys):
+    model_path = files["folder"] / "model.pt"
+    assert main(_fit_args(files, "-q")) == 0
+    capsys.readouterr()
+    data_before = files["data"].read_bytes()
+
+    status = main(["predict", str(model_path), str(files["data"]), "-o", str(files["data"])])
+
+    assert status == 1
+    assert "would overwrite it" in _error_line(capsys, "predict")
+    assert files["data"].read_bytes() == data_before
+
+
+def test_predict_threshold_out_of_range(files, capsys):
+    status = main(["predict", str(files["folder"] / "model.pt"), str(files["data"]),
+                   "--threshold", "1.5"])
+
+    assert status == 1
+    assert "--threshold 1.5" in _error_line(capsys, "predict")

@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def _add_training_options(parser, *, default_clusters):
     group = parser.add_argument_group("training")
     group.add_argument("--num-clusters", "-k", type=_positive_int, default=default_clusters,
                        help="K, clusters to predict: the P given ones first, then K - P "
-                            "discovered ones (default: %(default)s)")
+                            "discovered ones (default: "
+                            + ("50, or P when P is larger" if default_clusters is None
+                               else "%(default)s") + ")")
     group.add_argument("--epochs", type=_positive_int, default=40,
                        help="training epochs (default: %(default)s)")
     group.add_argument("--num-batches", type=_positive_int, default=10,
@@ -167,7 +170,8 @@ def build_parser():
                                  "the file, and the result equals an uninterrupted run")
     fit.add_argument("--checkpoint", type=Path, metavar="PATH",
                      help="save the model to PATH every --checkpoint-every steps and when "
-                          "training ends, fails or is interrupted; PATH may contain {step}")
+                          "training ends, fails or is interrupted; PATH may contain {step}, in "
+                          "which case only the newest checkpoint file is kept")
     fit.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
                      help=f"steps between checkpoints (default: {DEFAULT_CHECKPOINT_EVERY})")
     _add_training_options(fit, default_clusters=50)
@@ -254,12 +258,51 @@ def _run_demo(args):
     return 0
 
 
+def _check_outputs(outputs, inputs):
+    """Reject unusable output paths before any data are loaded or any training runs.
+
+    ``outputs`` and ``inputs`` are lists of (option name, path or None).
+    """
+    input_paths = {Path(path).resolve(): name for name, path in inputs if path is not None}
+    for name, path in outputs:
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{name} {str(path)!r} is a folder; give a file name.")
+        folder = path.parent
+        if not folder.is_dir():
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise FileNotFoundError(
+                f"{name} {str(path)!r}: folder {str(folder)!r} {what}; create the folder or "
+                "choose another path."
+            )
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(
+                f"{name} {str(path)!r}: folder {str(folder)!r} is not writable; choose "
+                "another path."
+            )
+        if path.resolve() in input_paths:
+            raise ValueError(
+                f"{name} {str(path)!r} is also the input {input_paths[path.resolve()]}; "
+                "writing there would overwrite it. Choose another output path."
+            )
+
+
 def _run_fit(args):
     from .callbacks import ModelCheckpoint, ProgressBar
     from .demo import write_history
     from .estimator import GACC
     from .nifti import load_clusters, load_data, load_mask
 
+    if args.output.name.endswith((".nii", ".nii.gz")):
+        raise ValueError(
+            f"--output {str(args.output)!r} names a NIfTI file, but 'gacc fit' writes a model "
+            "file; use a name ending in .pt, such as gacc_model.pt."
+        )
+    inputs = [("DATA", args.data), ("CLUSTERS", args.clusters), ("--mask", args.mask),
+              ("--labels", args.labels), ("--resume", args.resume)]
+    _check_outputs([("--output", args.output), ("--checkpoint", args.checkpoint)], inputs)
     data_xyzt, data_img = load_data(args.data)
     cluster_xyzp, names = load_clusters(args.clusters, threshold=args.threshold,
                                         labels=args.labels, reference=data_img,
@@ -276,6 +319,11 @@ def _run_fit(args):
               f"{max(num_steps, 0)} steps left.")
     elif args.warm_start:
         model = GACC.load(args.output, device=args.device)
+        if args.num_clusters != model.num_clusters:
+            logger.warning(
+                "--num-clusters %d is ignored: the model in %s has K=%d clusters, which "
+                "continued training keeps.", args.num_clusters, args.output, model.num_clusters,
+            )
     else:
         model = GACC(**_model_params(args))
 
@@ -336,6 +384,12 @@ def _run_predict(args):
     from .estimator import GACC
     from .nifti import load_data, load_mask, save_img
 
+    if not 0 < args.threshold <= 1:
+        raise ValueError(f"--threshold {args.threshold} must lie in (0, 1].")
+    _check_outputs(
+        [("--output", args.output), ("--clusters-output", args.clusters_output)],
+        [("MODEL", args.model), ("DATA", args.data), ("--mask", args.mask)],
+    )
     model = GACC.load(args.model, device=args.device)
     if args.prediction_batch_size is not None:
         model.prediction_batch_size = args.prediction_batch_size
@@ -355,6 +409,9 @@ def _run_evaluate(args):
     from .metrics import evaluate_clusters
     from .nifti import load_clusters
 
+    _check_outputs([("--output", args.output)],
+                   [("PREDICTION", args.prediction), ("REFERENCE", args.reference),
+                    ("--mask", args.mask)])
     proba_xyzk, proba_img = _load_prediction(args.prediction)
     reference, names = load_clusters(args.reference, threshold=args.threshold,
                                      reference=proba_img)

@@ -74,6 +74,10 @@ def run_demo(output_dir="gacc_demo", *, n_given_clusters=28, num_clusters=None, 
     from .plotting import plot_cluster_comparison
 
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(
+            f"Output folder {str(output_dir)!r} is a file; choose a folder name."
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     demo = load_demo_task(n_given_clusters=n_given_clusters, n_known_slices=n_known_slices,
                           random_state=random_state, data_dir=data_dir)

@@ -36,6 +36,8 @@ def plot_cluster_comparison(predicted_img, reference_img, template_img, path, *,
     import matplotlib.pyplot as plt
     from nilearn import plotting
 
+    import warnings
+
     figure, axes = plt.subplots(2, 1, figsize=(10, 7.2))
     rows = (
         (predicted_img, title or "GACC prediction"),
@@ -48,11 +50,14 @@ def plot_cluster_comparison(predicted_img, reference_img, template_img, path, *,
             axis.text(0.5, 0.5, f"{row_title}: no voxel above threshold", color="white",
                       ha="center", va="center", transform=axis.transAxes)
             continue
-        plotting.plot_prob_atlas(
-            img, bg_img=template_img, view_type="filled_contours", threshold=0.5,
-            display_mode="ortho", cut_coords=cut_coords, axes=axis, title=row_title,
-            draw_cross=False, annotate=True,
-        )
+        with warnings.catch_warnings():
+            # nilearn's colorbar code converts masked values and warns each time.
+            warnings.filterwarnings("ignore", message=".*converting a masked element.*")
+            plotting.plot_prob_atlas(
+                img, bg_img=template_img, view_type="filled_contours", threshold=0.5,
+                display_mode="ortho", cut_coords=cut_coords, axes=axis, title=row_title,
+                draw_cross=False, annotate=True,
+            )
     figure.savefig(path, dpi=dpi, facecolor="black")
     plt.close(figure)
     logger.info("Saved figure %s", path)
