@@ -78,11 +78,20 @@ def run_one(mode, device, seed):
         "final_losses_finite": bool(all(v[-1] == v[-1] for v in model.history_.values())),
         "prediction_finite": bool((proba == proba).all()),
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
     if model.device_.type == "cuda":
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         result["gpu"] = torch.cuda.get_device_name(model.device_)
     return result
+
+
+def _read_results(path):
+    """Return the results already recorded in ``path`` (a JSON file), or []."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return []
 
 
 def write_report(results, path):
@@ -98,13 +107,13 @@ def write_report(results, path):
         "",
         f"Machine: {_machine()}.",
         "",
-        "| mode | device | fit (s) | steps/s | training voxels/s | predict (s) | "
-        "predicted voxels/s | peak RSS (MiB) | finite |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| mode | device | torch threads | fit (s) | steps/s | training voxels/s | "
+        "predict (s) | predicted voxels/s | peak RSS (MiB) | finite |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
         lines.append(
-            f"| {r['mode']} | {r['device']} | {r['fit_seconds']:.1f} | "
+            f"| {r['mode']} | {r['device']} | {r['threads']} | {r['fit_seconds']:.1f} | "
             f"{r['steps_per_second']:.2f} | {r['training_voxels_per_second']:.0f} | "
             f"{r['predict_seconds']:.2f} | {r['predicted_voxels_per_second']:.0f} | "
             f"{r['peak_rss_mib']:.0f} | "
@@ -126,23 +135,34 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "docs" / "speed.md")
+    parser.add_argument("--threads", type=int, nargs="+", default=[None],
+                        help="torch CPU threads of each run (default: torch's own choice)")
+    parser.add_argument("--append", action="store_true",
+                        help="add the rows to those already in the page's JSON record")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
+        if args.threads[0] is not None:
+            import torch
+
+            torch.set_num_threads(args.threads[0])
         print(json.dumps(run_one(args.child, args.device, args.seed)))
         return 0
 
-    results = []
+    record = args.out.with_suffix(".json")
+    results = _read_results(record) if args.append else []
     for mode in args.modes:
-        completed = subprocess.run(
-            [sys.executable, __file__, "--child", mode, "--device", args.device,
-             "--seed", str(args.seed)],
-            check=True, capture_output=True, text=True,
-        )
-        result = json.loads(completed.stdout.strip().splitlines()[-1])
-        print(json.dumps(result))
-        results.append(result)
+        for threads in args.threads:
+            command = [sys.executable, __file__, "--child", mode, "--device", args.device,
+                       "--seed", str(args.seed)]
+            if threads is not None:
+                command += ["--threads", str(threads)]
+            completed = subprocess.run(command, check=True, capture_output=True, text=True)
+            result = json.loads(completed.stdout.strip().splitlines()[-1])
+            print(json.dumps(result))
+            results.append(result)
+    record.write_text(json.dumps(results, indent=2))
     write_report(results, args.out)
     print(f"Wrote {args.out}")
     return 0
