@@ -207,7 +207,7 @@ class TrainingWidget(QWidget):
             0.1, 0.0, 1000.0, 3, 0.05, "Weight of the adversarial term (0 turns it off)."
         )
         self.xc_weight = _float_box(
-            0.1, 0.0, 1000.0, 3, 0.05, "Weight of the entity-to-cluster predictor's error."
+            0.01, 0.0, 1000.0, 3, 0.01, "Weight of the entity-to-cluster predictor's error."
         )
         self.cx_weight = _float_box(
             0.1, 0.0, 1000.0, 3, 0.05, "Weight of the cluster-to-entity predictor's error."

@@ -208,7 +208,7 @@ def test_local_sampling_fit_and_predict(volume, monkeypatch):
 def test_local_sampling_changes_training(volume):
     data, clusters = volume
     local = _fit(data, clusters, params={"set_sampling": "local", "window_size": 3})
-    plain = _fit(data, clusters)
+    plain = _fit(data, clusters, params={"set_sampling": "global"})
     assert local.history_["supervised"] != plain.history_["supervised"]
 
 

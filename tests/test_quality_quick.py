@@ -12,7 +12,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 SCRIPT = REPOSITORY / "benchmarks" / "quality.py"
 
 GACC_METHODS = ["gacc", "gacc_no_adversarial", "gacc_no_xc", "gacc_no_cx",
-                "gacc_supervised_only", "gacc_local_sets", "gacc_balanced",
+                "gacc_supervised_only", "gacc_global_sets", "gacc_xc_0.1", "gacc_balanced",
                 "gacc_single_draw"]
 SPARSE_METHODS = GACC_METHODS + ["knn", "random_forest", "label_spreading"]
 DISCOVERY_METHODS = GACC_METHODS + ["kmeans", "gaussian_mixture"]

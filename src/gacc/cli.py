@@ -58,6 +58,10 @@ def _add_training_options(parser, *, default_clusters):
                        help="training epochs (default: %(default)s)")
     group.add_argument("--num-batches", type=_positive_int, default=10,
                        help="training steps per epoch (default: %(default)s)")
+    group.add_argument("--set-sampling", choices=("local", "global"), default="local",
+                       help="how sets are drawn in training and prediction: from small cubes "
+                            "of 5 voxels per side, or from the whole foreground "
+                            "(default: %(default)s)")
     group.add_argument("--set-size", type=_positive_int, default=8,
                        help="N, voxels per set (default: %(default)s)")
     group.add_argument("--batch-size", type=_positive_int, default=32,
@@ -66,7 +70,7 @@ def _add_training_options(parser, *, default_clusters):
                        help="generator learning rate (default: %(default)s)")
     for term, default, meaning in (
         ("adversarial", 0.1, "adversarial loss"),
-        ("xc", 0.1, "entity-to-cluster predictor error"),
+        ("xc", 0.01, "voxel-to-cluster (entity-to-cluster) predictor error"),
         ("cx", 0.1, "cluster-to-entity predictor error"),
     ):
         group.add_argument(f"--{term}-weight", type=_non_negative_float, default=default,
@@ -220,6 +224,7 @@ def _model_params(args):
     return {
         "num_clusters": args.num_clusters,
         "set_size": args.set_size,
+        "set_sampling": args.set_sampling,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "adversarial_weight": args.adversarial_weight,

@@ -75,11 +75,14 @@ class GACC(BaseEstimator):
         scaling off.
     set_size : int, default=8
         N, voxels per set.
-    set_sampling : {"global", "local"}, default="global"
-        How a set is drawn, in training and in prediction alike. "global":
-        N voxels drawn uniformly at random from the whole foreground.
-        "local": N voxels drawn at random from one cube of ``window_size``
-        voxels per side, the cubes laid over the volume at a random offset.
+    set_sampling : {"global", "local"}, default="local"
+        How a set is drawn, in training and in prediction alike. "local": N
+        voxels drawn at random from one cube of ``window_size`` voxels per
+        side, the cubes laid over the volume at a random offset, so a voxel's
+        memberships can draw on its neighbours. "global": N voxels drawn
+        uniformly at random from the whole foreground. On held-out labels of
+        semi-synthetic fMRI, "local" scored a mean Dice of 0.68 against 0.05
+        (benchmarks/quality.py).
     window_size : int, default=5
         Side of the cubes of "local" sampling, in voxels.
     annotated_fraction : float, default=0.0
@@ -104,10 +107,12 @@ class GACC(BaseEstimator):
     predictor_learning_rate : float, default=1e-3
         Adam learning rate of both cooperative predictors.
     supervised_weight, adversarial_weight, xc_weight, cx_weight : float
-        Weights of the generator's loss terms (defaults 1.0, 0.1, 0.1, 0.1).
+        Weights of the generator's loss terms (defaults 1.0, 0.1, 0.01, 0.1).
         ``xc`` is the entity-to-cluster predictor's error, ``cx`` the
         cluster-to-entity predictor's error. A weight of 0 turns the term off
-        and skips training the network behind it.
+        and skips training the network behind it. The ``xc`` error is lowest
+        for empty, trivially predictable clusters, so a large ``xc_weight``
+        pulls memberships towards 0.
     columns_per_step : int or None, default=16
         Generated clusters that the discriminator and the cooperative
         predictors see per training step, drawn at random each step; their
@@ -162,7 +167,7 @@ class GACC(BaseEstimator):
         run_eagerly=True,
         min_max_scale_range=(0.0, 1.0),
         set_size=8,
-        set_sampling="global",
+        set_sampling="local",
         window_size=5,
         annotated_fraction=0.0,
         columns_per_step=16,
@@ -177,7 +182,7 @@ class GACC(BaseEstimator):
         predictor_learning_rate=1e-3,
         supervised_weight=1.0,
         adversarial_weight=0.1,
-        xc_weight=0.1,
+        xc_weight=0.01,
         cx_weight=0.1,
         hide_probability=0.5,
         class_weight=None,
