@@ -63,7 +63,8 @@ def load_demo_sample():
     """Load the GACC demo task as napari layers (the sample data command).
 
     The 28 largest Harvard-Oxford regions are annotated on 6 axial slices
-    each, as a user would paint them; every other voxel is unknown.
+    shared by all regions, as a user would paint them; every other voxel is
+    unknown.
     """
     # Imported here so that napari's plugin discovery does not load the
     # dataset module.

@@ -165,9 +165,11 @@ def load_demo_task(*, n_given_clusters=28, n_known_slices=6, random_state=0, dat
     demo.cluster_xyzp, demo.cluster_names = _largest_clusters(
         demo.cluster_xyzp, demo.cluster_names, demo.mask, n_given_clusters
     )
+    # The same slices for every region, as when a user paints whole slices:
+    # the held-out entries then cover whole slices, which the cover scores need.
     demo.split = splits.hide_slices(
         demo.cluster_xyzp, axis=2, n_known_slices=n_known_slices, mask=demo.mask,
-        random_state=random_state,
+        per_cluster=False, random_state=random_state,
     )
     demo.known_share = float(demo.split.known_mask[demo.mask].mean())
     logger.info("Demo split: %.1f%% of the in-mask cluster entries are known",
