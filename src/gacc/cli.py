@@ -395,6 +395,8 @@ def _run_predict(args):
         [("--output", args.output), ("--clusters-output", args.clusters_output)],
         [("MODEL", args.model), ("DATA", args.data), ("--mask", args.mask)],
     )
+    # NOTE: model files store the fitted grid's shape but not its affine, so data of the
+    # same shape in another space are not detected here.
     model = GACC.load(args.model, device=args.device)
     if args.prediction_batch_size is not None:
         model.prediction_batch_size = args.prediction_batch_size
