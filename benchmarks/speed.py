@@ -124,6 +124,13 @@ def write_report(results, path):
         f"Targets on a 2-core CPU: the whole fit under {TARGETS['fit_seconds']:.0f} s and the "
         f"full-volume predict under {TARGETS['predict_seconds']:.0f} s.",
         "",
+        "The compiled row includes the time `torch.compile` spends compiling; a first run "
+        "with an empty compile cache takes minutes longer on this CPU. Where other "
+        "processes keep the cores busy, PyTorch's default of one thread per core can make "
+        "steps many times slower, which is why rows give the thread count. No GPU was "
+        "available when these rows were recorded; on a CUDA machine the same command adds "
+        "its GPU rows with peak GPU memory.",
+        "",
     ]
     Path(path).write_text("\n".join(lines))
 
