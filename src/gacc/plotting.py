@@ -51,8 +51,9 @@ def plot_cluster_comparison(predicted_img, reference_img, template_img, path, *,
                       ha="center", va="center", transform=axis.transAxes)
             continue
         with warnings.catch_warnings():
-            # nilearn's colorbar code converts masked values and warns each time.
-            warnings.filterwarnings("ignore", message=".*converting a masked element.*")
+            # nilearn warns about masked colorbar values and about clusters that
+            # are empty at the threshold; the figure shows both cases as they are.
+            warnings.simplefilter("ignore", UserWarning)
             plotting.plot_prob_atlas(
                 img, bg_img=template_img, view_type="filled_contours", threshold=0.5,
                 display_mode="ortho", cut_coords=cut_coords, axes=axis, title=row_title,
