@@ -2,9 +2,10 @@
 
 The data are the probabilistic Juelich cytoarchitectonic maps and the
 clusters the thresholded Harvard-Oxford regions, both on a 3 mm MNI grid
-(see :func:`gacc.datasets.load_demo`). Each cluster keeps its labels on a
-few axial slices, as a user would paint them; the model predicts every other
-voxel, and the Dice score is computed on those held-out entries only.
+(see :func:`gacc.datasets.load_demo`). The labels are kept on a few axial
+slices shared by all clusters, as a user would paint whole slices. The model
+predicts every other entry, and the Dice score is computed on those held-out
+entries only.
 """
 
 import csv

@@ -41,8 +41,14 @@ MAX_POSITIVE_WEIGHT = 50.0
 
 
 def _is_real(value):
-    """Whether ``value`` is a real number (numpy scalars included), not a bool."""
+    """Return whether ``value`` is a real number (numpy scalars included), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_positive_int(value):
+    """Return whether ``value`` is an integer >= 1 (numpy integers included), not a bool."""
+    return (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+            and value >= 1)
 
 
 def _first_sentence(error):
@@ -230,18 +236,15 @@ class GACC(BaseEstimator):
         )
         for name in positive_ints:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if not _is_positive_int(value):
                 raise InvalidInputError(f"{name}={value!r} must be an integer >= 1.")
         value = self.columns_per_step
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
-        ):
+        if value is not None and not _is_positive_int(value):
             raise InvalidInputError(
                 f"columns_per_step={value!r} must be an integer >= 1, or None for all clusters."
             )
         annotated_fraction = self.annotated_fraction
-        if not (isinstance(annotated_fraction, (int, float, np.floating))
-                and 0 <= annotated_fraction < 1):
+        if not (_is_real(annotated_fraction) and 0 <= annotated_fraction < 1):
             raise InvalidInputError(
                 f"annotated_fraction={annotated_fraction!r} must be a number in [0, 1)."
             )
@@ -406,7 +409,7 @@ class GACC(BaseEstimator):
         suits GUI workers such as napari's ``thread_worker``.
         """
         for name, value in (("num_batches", num_batches), ("epochs", epochs)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if not _is_positive_int(value):
                 raise InvalidInputError(f"{name}={value!r} must be an integer >= 1.")
         scaling = self._validate_params()
         data = check_data_xyzt(data_xyzt)
